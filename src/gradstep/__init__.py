@@ -1,0 +1,46 @@
+"""gradstep: PyTorch optimizers built from one small composable core.
+
+Every optimizer is a ``torch.optim.Optimizer`` whose update rule is a chain of transforms over whole parameter
+groups. See README.md and ``gradstep list``.
+"""
+
+from . import recipes, transforms
+from .core.groups import mark_norm_params, param_groups
+from .core.hypers import REQUIRED, Hyper
+from .core.nonfinite import NonFiniteError, NonFiniteEvent, NonFiniteTracer
+from .core.optimizer import ChainedOptimizer, chain
+from .core.registry import Capabilities, Entry, available, create, from_config, get, register
+from .core.transform import GroupStep, Transform
+from .optim import SGD, Adam, Adamax, AdamTF, AdamW, RMSProp, RMSprop
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REQUIRED",
+    "SGD",
+    "Adam",
+    "AdamTF",
+    "AdamW",
+    "Adamax",
+    "Capabilities",
+    "ChainedOptimizer",
+    "Entry",
+    "GroupStep",
+    "Hyper",
+    "NonFiniteError",
+    "NonFiniteEvent",
+    "NonFiniteTracer",
+    "RMSProp",
+    "RMSprop",
+    "Transform",
+    "available",
+    "chain",
+    "create",
+    "from_config",
+    "get",
+    "mark_norm_params",
+    "param_groups",
+    "recipes",
+    "register",
+    "transforms",
+]

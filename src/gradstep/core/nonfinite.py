@@ -1,0 +1,133 @@
+"""Non-finite gradients and updates: the policy every gradstep optimizer follows, and a tracer for any optimizer.
+
+Policies (the ``nonfinite`` hyperparameter of every gradstep optimizer):
+
+========== ==================================================================================================
+``error``   (default) before anything is modified, raise :class:`NonFiniteError` naming the first parameter
+            whose gradient holds a NaN or an infinity; parameters and state are left untouched.
+``skip``    the whole step (every group) is skipped, state and step counters included, and counted in
+            ``optimizer.skipped_steps``: what ``torch.amp.GradScaler`` does on overflow.
+``zero``    a gradient tensor with any non-finite element is replaced by zeros, and any non-finite element of
+            the new parameters is reverted to its old value (GoMLX's ``clip_nan``).
+``revert``  gradients pass through; non-finite elements of the new parameters are reverted (GoMLX SGD's
+            ``clip_nan``). State fed by a non-finite gradient stays non-finite.
+``ignore``  no check (torch.optim's behaviour): non-finite values reach the parameters and state.
+========== ==================================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["POLICIES", "NonFiniteError", "NonFiniteEvent", "NonFiniteTracer", "first_nonfinite", "finite_flags"]
+
+POLICIES = ("error", "skip", "zero", "revert", "ignore")
+
+
+class NonFiniteError(FloatingPointError):
+    """A gradient held a NaN or an infinity under the ``"error"`` policy."""
+
+
+def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
+    """A bool vector: whether each tensor is entirely finite (one reduction per tensor, no sync)."""
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
+    # The max-abs norm is finite exactly when every element is (NaN and inf propagate); an L2 norm could overflow.
+    maxabs = torch._foreach_norm(list(tensors), math.inf)
+    return torch.isfinite(torch.stack([m.to(tensors[0].device) for m in maxabs]))
+
+
+def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
+    """Index of the first tensor holding a non-finite value, or ``None`` (one host sync)."""
+    flags = finite_flags(tensors)
+    if bool(flags.all()):
+        return None
+    return int((~flags).nonzero()[0, 0])
+
+
+@dataclass(frozen=True)
+class NonFiniteEvent:
+    """Where a non-finite value was first seen."""
+
+    step: int
+    kind: str  # "gradient" or "parameter"
+    group: int
+    name: str
+
+
+def _names(optimizer: torch.optim.Optimizer, gi: int) -> list[str]:
+    group = optimizer.param_groups[gi]
+    return list(group.get("param_names") or [f"param_groups[{gi}]['params'][{i}]" for i in range(len(group["params"]))])
+
+
+class NonFiniteTracer:
+    """Reports the first parameter whose gradient (before a step) or value (after it) went non-finite.
+
+    Works with any ``torch.optim.Optimizer`` through its step hooks, as GoMLX's NaN logger does for graphs. The
+    check costs one reduction per tensor and one host sync per step; it is a debugging tool.
+
+    Example::
+
+        tracer = NonFiniteTracer(optimizer, on_event=print)
+        ...
+        if tracer.first is not None:
+            print("first non-finite:", tracer.first.name, "at step", tracer.first.step)
+        tracer.remove()
+
+    Args:
+        optimizer: the optimizer to watch.
+        on_event: called with a :class:`NonFiniteEvent` for every step where something is non-finite.
+        raise_on_first: raise :class:`NonFiniteError` at the first event instead of recording it.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        on_event: Callable[[NonFiniteEvent], Any] | None = None,
+        raise_on_first: bool = False,
+    ) -> None:
+        self.optimizer = optimizer
+        self.on_event = on_event
+        self.raise_on_first = raise_on_first
+        self.first: NonFiniteEvent | None = None
+        self.events: list[NonFiniteEvent] = []
+        self.steps = 0
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before),
+            optimizer.register_step_post_hook(self._after),
+        ]
+
+    def _check(self, kind: str, tensors_of: Callable[[Iterable[Tensor]], list[tuple[int, Tensor]]]) -> None:
+        for gi, group in enumerate(self.optimizer.param_groups):
+            pairs = tensors_of(group["params"])
+            bad = first_nonfinite([t for _, t in pairs])
+            if bad is None:
+                continue
+            event = NonFiniteEvent(self.steps, kind, gi, _names(self.optimizer, gi)[pairs[bad][0]])
+            self.events.append(event)
+            if self.first is None:
+                self.first = event
+            if self.on_event is not None:
+                self.on_event(event)
+            if self.raise_on_first:
+                raise NonFiniteError(f"non-finite {kind} of {event.name} at step {event.step}")
+            return
+
+    def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.steps += 1
+        self._check("gradient", lambda ps: [(i, p.grad) for i, p in enumerate(ps) if p.grad is not None])
+
+    def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._check("parameter", lambda ps: [(i, p.detach()) for i, p in enumerate(ps)])
+
+    def remove(self) -> None:
+        """Detach the tracer from the optimizer."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,216 @@
+"""Multi-tensor arithmetic used by every transform.
+
+A transform's math is written once against this small vocabulary and runs on a whole parameter group's lists of
+tensors. Two interchangeable implementations exist:
+
+* :data:`FOREACH` uses ``torch._foreach_*`` kernels (the default path, and what ``torch.compile`` fuses);
+* :data:`PER_TENSOR` runs the plain per-tensor ``torch`` op in a Python loop. It is the literal reference that tests
+  hold the foreach path to (``foreach=False`` selects it).
+
+A *coefficient* ``c`` may be a Python number, a 0-d tensor (a tensor ``lr``), or a list with one number or 0-d
+tensor per tensor (per-parameter values such as bias corrections or ``opt_args`` overrides). Functions ending in
+``_`` write into their first argument; the others return new tensors and never touch their inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+Coef = Union[float, int, Tensor, Sequence[float], Sequence[Tensor]]
+TensorList = list[Tensor]
+
+__all__ = ["FOREACH", "PER_TENSOR", "Coef", "ForeachOps", "PerTensorOps", "TensorList", "is_number"]
+
+
+def is_number(c: object) -> bool:
+    return isinstance(c, (int, float)) and not isinstance(c, bool)
+
+
+def _at(c: Coef, i: int) -> float | Tensor:
+    if isinstance(c, (list, tuple)):
+        return c[i]
+    return c  # type: ignore[return-value]
+
+
+class PerTensorOps:
+    """Reference implementation: one plain torch op per tensor."""
+
+    name = "per_tensor"
+
+    # --- out of place -------------------------------------------------------------------------------------------
+    def clone(self, xs: Sequence[Tensor]) -> TensorList:
+        return [x.clone() for x in xs]
+
+    def neg(self, xs: Sequence[Tensor]) -> TensorList:
+        return [torch.neg(x) for x in xs]
+
+    def abs(self, xs: Sequence[Tensor]) -> TensorList:
+        return [torch.abs(x) for x in xs]
+
+    def sign(self, xs: Sequence[Tensor]) -> TensorList:
+        return [torch.sign(x) for x in xs]
+
+    def sqrt(self, xs: Sequence[Tensor]) -> TensorList:
+        return [torch.sqrt(x) for x in xs]
+
+    def mul(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> TensorList:
+        return [torch.mul(x, _at(c, i)) for i, x in enumerate(xs)]
+
+    def div(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> TensorList:
+        return [torch.div(x, _at(c, i)) for i, x in enumerate(xs)]
+
+    def add(self, xs: Sequence[Tensor], ys: Sequence[Tensor] | Coef) -> TensorList:
+        return [torch.add(x, _at(ys, i)) for i, x in enumerate(xs)]
+
+    def sub(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return [torch.sub(x, y) for x, y in zip(xs, ys)]
+
+    def maximum(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return [torch.maximum(x, y) for x, y in zip(xs, ys)]
+
+    def clamp(self, xs: Sequence[Tensor], lo: float, hi: float) -> TensorList:
+        return [torch.clamp(x, lo, hi) for x in xs]
+
+    def to(self, xs: Sequence[Tensor], dtypes: Sequence[torch.dtype]) -> TensorList:
+        return [x if x.dtype == d else x.to(d) for x, d in zip(xs, dtypes)]
+
+    def where(self, conds: Sequence[Tensor], xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return [torch.where(c, x, y) for c, x, y in zip(conds, xs, ys)]
+
+    def isfinite(self, xs: Sequence[Tensor]) -> TensorList:
+        return [torch.isfinite(x) for x in xs]
+
+    # --- in place -----------------------------------------------------------------------------------------------
+    def copy_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        for x, y in zip(xs, ys):
+            x.copy_(y)
+
+    def mul_(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> None:
+        for i, x in enumerate(xs):
+            x.mul_(_at(c, i))
+
+    def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        for x, y in zip(xs, ys):
+            x.add_(y)
+
+    def add_scaled_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], c: Coef) -> None:
+        """``x += c * y``."""
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            ci = _at(c, i)
+            if is_number(ci):
+                x.add_(y, alpha=ci)  # type: ignore[arg-type]
+            else:
+                x.add_(y * ci)
+
+    def addcmul_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor], c: Coef) -> None:
+        """``x += c * y * z``."""
+        for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
+            ci = _at(c, i)
+            if is_number(ci):
+                x.addcmul_(y, z, value=ci)  # type: ignore[arg-type]
+            else:
+                x.add_(y * z * ci)
+
+    def lerp_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], w: Coef) -> None:
+        """``x += w * (y - x)``: an exponential moving average with weight ``w`` on the new value."""
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            wi = _at(w, i)
+            if is_number(wi):
+                x.lerp_(y, wi)  # type: ignore[arg-type]
+            else:
+                x.add_((y - x) * wi)
+
+    def maximum_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        for x, y in zip(xs, ys):
+            torch.maximum(x, y, out=x)
+
+    def zero_(self, xs: Sequence[Tensor]) -> None:
+        for x in xs:
+            x.zero_()
+
+
+class ForeachOps(PerTensorOps):
+    """The multi-tensor path: one ``torch._foreach_*`` kernel launch per list."""
+
+    name = "foreach"
+
+    def clone(self, xs: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_mul(list(xs), 1.0)) if xs else []
+
+    def neg(self, xs: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_neg(list(xs)))
+
+    def abs(self, xs: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_abs(list(xs)))
+
+    def sign(self, xs: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_sign(list(xs)))
+
+    def sqrt(self, xs: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_sqrt(list(xs)))
+
+    def mul(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_mul(list(xs), _coef(c)))
+
+    def div(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_div(list(xs), _coef(c)))
+
+    def add(self, xs: Sequence[Tensor], ys: Sequence[Tensor] | Coef) -> TensorList:
+        return list(torch._foreach_add(list(xs), _coef(ys)))
+
+    def sub(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_sub(list(xs), list(ys)))
+
+    def maximum(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
+        return list(torch._foreach_maximum(list(xs), list(ys)))
+
+    def clamp(self, xs: Sequence[Tensor], lo: float, hi: float) -> TensorList:
+        return list(torch._foreach_clamp_max(torch._foreach_clamp_min(list(xs), lo), hi))
+
+    def copy_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        if xs:
+            torch._foreach_copy_(list(xs), list(ys))
+
+    def mul_(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> None:
+        torch._foreach_mul_(list(xs), _coef(c))
+
+    def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        torch._foreach_add_(list(xs), list(ys))
+
+    def add_scaled_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], c: Coef) -> None:
+        if is_number(c):
+            torch._foreach_add_(list(xs), list(ys), alpha=c)  # type: ignore[arg-type]
+        else:
+            torch._foreach_add_(list(xs), torch._foreach_mul(list(ys), _coef(c)))
+
+    def addcmul_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], zs: Sequence[Tensor], c: Coef) -> None:
+        if is_number(c):
+            torch._foreach_addcmul_(list(xs), list(ys), list(zs), value=c)  # type: ignore[arg-type]
+        else:
+            torch._foreach_add_(list(xs), torch._foreach_mul(torch._foreach_mul(list(ys), list(zs)), _coef(c)))
+
+    def lerp_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], w: Coef) -> None:
+        if is_number(w):
+            torch._foreach_lerp_(list(xs), list(ys), w)  # type: ignore[arg-type]
+        else:
+            torch._foreach_add_(list(xs), torch._foreach_mul(torch._foreach_sub(list(ys), list(xs)), _coef(w)))
+
+    def maximum_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
+        torch._foreach_maximum_(list(xs), list(ys))
+
+    def zero_(self, xs: Sequence[Tensor]) -> None:
+        if xs:
+            torch._foreach_zero_(list(xs))
+
+
+def _coef(c: object) -> object:
+    # foreach kernels take a Scalar, a 0-d Tensor, a list of Scalars or a list of Tensors; tuples become lists.
+    return list(c) if isinstance(c, tuple) else c
+
+
+FOREACH = ForeachOps()
+PER_TENSOR = PerTensorOps()

@@ -1,0 +1,469 @@
+"""The optimizer core: a ``torch.optim.Optimizer`` whose update rule is a chain of transforms.
+
+One step of one parameter group, for the parameters that have a gradient::
+
+    g     = -grad if maximize else grad              (cast to the state dtype; the user's grad is never written)
+    g     = g + wd * p                               (weight_decay_mode == "coupled")
+    d     = transform_n(... transform_1(g))          (the chain: statistics and scaling, on lists of tensors)
+    lr_i  = lr * lr_scale  (opt_args may override both per parameter; 0 while t <= backoff_steps)
+    Δ     = lr_i * d  [+ lr_i * wd * p]              (decoupled weight decay; clipped to ±clip_step if set)
+    p     = p - Δ  [/ (1 + lr_i * wd)]               (proximal weight decay)
+
+Everything around the chain is written once here: lazy per-parameter state (``step`` and the transforms'
+buffers), the non-finite policy (:mod:`gradstep.core.nonfinite`), low-precision parameters (fp32 state by default,
+optional stochastic rounding of the write), complex parameters (as real views), fastai's group tools
+(:mod:`gradstep.core.groups`) and checkpoints that copy their tensors and refuse another optimizer's state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from copy import deepcopy
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .groups import GroupToolsMixin
+from .hypers import REQUIRED, Hyper, boolean, expand_hypers, non_negative, non_negative_int, one_of, optional_bool
+from .nonfinite import POLICIES, NonFiniteError, finite_flags, first_nonfinite
+from .ops import FOREACH, PER_TENSOR, Coef, TensorList
+from .transform import GroupStep, Transform, coef_is_zero, coef_mul
+
+__all__ = ["CORE_HYPERS", "ChainedOptimizer", "OPT_ARGS_KEYS", "chain"]
+
+_STATE_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _state_dtype_check(value: Any) -> str | None:
+    if value is None or value in _STATE_DTYPES:
+        return None
+    return f"must be None or one of {', '.join(map(repr, _STATE_DTYPES))}"
+
+
+CORE_HYPERS: tuple[Hyper, ...] = (
+    Hyper("lr", 1e-3, non_negative, "learning rate"),
+    Hyper("lr_scale", 1.0, non_negative, "multiplies lr (layer-wise lr decay); schedulers leave it alone"),
+    Hyper("weight_decay", 0.0, non_negative, "weight decay factor"),
+    Hyper(
+        "weight_decay_mode",
+        "coupled",
+        one_of("coupled", "decoupled", "proximal"),
+        "coupled: g + wd*p; decoupled: p*(1 - lr*wd) (AdamW); proximal: p/(1 + lr*wd) after the step",
+    ),
+    Hyper("maximize", False, boolean, "maximize the objective instead of minimizing"),
+    Hyper("foreach", None, optional_bool, "multi-tensor kernels (None or True) or the per-tensor reference (False)"),
+    Hyper("nonfinite", "error", one_of(*POLICIES), "policy for NaN/Inf gradients and updates"),
+    Hyper("state_dtype", None, _state_dtype_check, "dtype of state tensors (None: fp32 for bf16/fp16 params)"),
+    Hyper("clip_step", 0.0, non_negative, "clamp each element of the final step to [-clip_step, clip_step] (0: off)"),
+    Hyper("backoff_steps", 0, non_negative_int, "the first N steps update the state but not the parameters"),
+    Hyper("stochastic_rounding", False, boolean, "round bfloat16 parameter writes stochastically"),
+)
+
+OPT_ARGS_KEYS: dict[str, Callable[[Any], str | None]] = {
+    "lr": non_negative,
+    "lr_scale": non_negative,
+    "weight_decay": non_negative,
+}
+"""Per-parameter overrides the core applies (ALF's ``opt_args``); transforms may read further keys."""
+
+
+def _opt_args(p: Tensor) -> dict[str, Any] | None:
+    return getattr(p, "opt_args", None)
+
+
+def _stochastic_round_to_bf16(x: Tensor) -> Tensor:
+    """Round fp32 to bf16 up or down with probability given by the distance (unbiased in expectation)."""
+    bits = x.to(torch.float32).view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+class _Plan:
+    """One group's parameters with gradients, gathered and validated before anything is modified."""
+
+    def __init__(self, index: int, group: dict[str, Any]) -> None:
+        self.index = index
+        self.group = group
+        self.params: TensorList = []  # as stored (complex ones included)
+        self.views: TensorList = []  # real views for the math
+        self.grads: TensorList = []
+        self.states: list[dict[str, Any]] = []
+        self.names: list[str] = []
+        self.opt_args: list[dict[str, Any] | None] = []
+
+
+class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
+    """An optimizer built from a chain of :class:`~gradstep.core.transform.Transform` objects.
+
+    Use it directly to compose your own update rule (see :func:`chain`), or through the named optimizers, which are
+    short recipes over it.
+
+    Args:
+        params: parameters, named parameters, or param group dicts (as for any ``torch.optim.Optimizer``). A scalar
+            hyperparameter given as ``slice(lo, hi)`` or as a list is spread over the groups (one value each).
+        transforms: the update rule, applied in order to the gradient.
+        **hypers: values of the hyperparameters declared by the transforms and by the core (:data:`CORE_HYPERS`).
+            An unknown name raises ``TypeError``; an invalid value raises ``ValueError``.
+    """
+
+    def __init__(self, params: Any, transforms: Sequence[Transform], **hypers: Any) -> None:
+        self._transforms: tuple[Transform, ...] = tuple(transforms)
+        declared = self.declared_hypers()
+        unknown = sorted(set(hypers) - set(declared))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(unknown)}; "
+                f"valid ones: {', '.join(declared)}"
+            )
+        groups = _as_groups(params)
+        defaults = {name: h.default for name, h in declared.items()}
+        given = dict(hypers)
+        expand_hypers(given, declared, groups)
+        for name, value in given.items():
+            defaults[name] = declared[name].validate(value)
+        self._global_step = 0
+        self._skipped_steps = 0
+        super().__init__(groups, defaults)
+
+    # --- declarations -----------------------------------------------------------------------------------------
+    @classmethod
+    def core_hypers(cls) -> tuple[Hyper, ...]:
+        return CORE_HYPERS
+
+    def declared_hypers(self) -> dict[str, Hyper]:
+        """Every hyperparameter this optimizer reads, by name (the transforms' first, then the core's)."""
+        declared: dict[str, Hyper] = {}
+        for t in self._transforms:
+            for h in t.hypers:
+                declared.setdefault(h.name, h)
+        for h in self.core_hypers():
+            declared.setdefault(h.name, h)
+        return declared
+
+    @property
+    def transforms(self) -> tuple[Transform, ...]:
+        return self._transforms
+
+    @property
+    def global_step(self) -> int:
+        """Number of steps taken (skipped steps excluded); saved in the state_dict."""
+        return self._global_step
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of steps skipped by the ``"skip"`` non-finite policy."""
+        return self._skipped_steps
+
+    def _supports_complex(self) -> bool:
+        return all(getattr(t, "elementwise", False) for t in self._transforms)
+
+    # --- groups -----------------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        declared = self.declared_hypers()
+        for name, value in param_group.items():
+            if name in declared:
+                declared[name].validate(value)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name in declared:
+            if group.get(name) is REQUIRED:
+                raise ValueError(f"{type(self).__name__} needs a value of {name} (no default)")
+        for t in self._transforms:
+            t.check_group(group)
+        for p in group["params"]:
+            self._check_param(p)
+
+    def _check_param(self, p: Tensor) -> None:
+        if p.is_complex() and not self._supports_complex():
+            raise TypeError(f"{type(self).__name__} does not support complex parameters")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise TypeError(f"{type(self).__name__} can only optimize floating-point tensors, got {p.dtype}")
+        args = _opt_args(p)
+        if args is None:
+            return
+        if not isinstance(args, dict):
+            raise TypeError(f"opt_args must be a dict, got {type(args).__name__}")
+        for key, check in OPT_ARGS_KEYS.items():
+            value = args.get(key)
+            if value is not None and check(value) is not None:
+                raise ValueError(f"Invalid opt_args[{key!r}]: {value!r} ({check(value)})")
+
+    # --- state ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _state_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
+        name = group["state_dtype"]
+        if name is not None:
+            return _STATE_DTYPES[name]
+        if p.is_complex():
+            return torch.float64 if p.dtype == torch.complex128 else torch.float32
+        return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+    def _init_param_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        view = torch.view_as_real(p) if p.is_complex() else p
+        dtype = self._state_dtype(group, p)
+        for t in self._transforms:
+            for name, init in t.buffers(group).items():
+                if name not in state:
+                    state[name] = init(view.detach(), dtype)
+
+    def expected_state_keys(self, group: dict[str, Any]) -> set[str]:
+        keys = {"step"}
+        for t in self._transforms:
+            keys.update(t.buffers(group))
+        return keys
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every parameter's state exactly as a first step would, with no other effect."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_param_state(group, p, self.state[p])
+
+    def clear_state(self) -> None:
+        """Forget all state (moments, step counts); the next step starts afresh."""
+        self.state = defaultdict(dict)
+        self._global_step = 0
+
+    # --- step -------------------------------------------------------------------------------------------------
+    def _gather(self, index: int, group: dict[str, Any]) -> _Plan:
+        plan = _Plan(index, group)
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            name = names[i] if names else f"param_groups[{index}]['params'][{i}]"
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name})")
+            if p.grad.shape != p.shape:
+                raise RuntimeError(f"gradient of {name} has shape {tuple(p.grad.shape)}, parameter {tuple(p.shape)}")
+            plan.params.append(p)
+            plan.views.append(torch.view_as_real(p) if p.is_complex() else p)
+            plan.grads.append(torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad)
+            plan.states.append(self.state[p])
+            plan.names.append(name)
+            plan.opt_args.append(_opt_args(p))
+        return plan
+
+    def _screen(self, plans: list[_Plan]) -> bool:
+        """Apply the gradient side of the non-finite policy; False means: skip this step."""
+        for plan in plans:
+            policy = plan.group["nonfinite"]
+            if policy in ("error", "skip") and plan.grads:
+                bad = first_nonfinite(plan.grads)
+                if bad is None:
+                    continue
+                if policy == "error":
+                    raise NonFiniteError(
+                        f"{type(self).__name__}: non-finite gradient in {plan.names[bad]} "
+                        f"(nonfinite='error'; parameters and state were not modified). Use nonfinite='skip' "
+                        f"to skip such steps, or 'zero' to zero the bad gradients."
+                    )
+                return False
+        return True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimization step (all groups, or none: everything is validated before any write)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [self._gather(i, g) for i, g in enumerate(self.param_groups)]
+        if not self._screen(plans):
+            self._skipped_steps += 1
+            return loss
+        for plan in plans:
+            if plan.params:
+                self._update_group(plan)
+        self._global_step += 1
+        return loss
+
+    def _update_group(self, plan: _Plan) -> None:
+        group = plan.group
+        ops = PER_TENSOR if group["foreach"] is False else FOREACH
+        for p, state in zip(plan.params, plan.states):
+            self._init_param_state(group, p, state)
+        step_counts = [s["step"] for s in plan.states]
+        torch._foreach_add_(step_counts, 1.0)
+        steps = torch.stack(step_counts).to(torch.float64)
+
+        dtypes = [self._state_dtype(group, p) for p in plan.params]
+        grads = ops.to(plan.grads, dtypes)
+        if group["maximize"]:
+            grads = ops.neg(grads)
+        if group["nonfinite"] == "zero":
+            ok = finite_flags(grads)
+            grads = [torch.where(ok[i], g, torch.zeros_like(g)) for i, g in enumerate(grads)]
+        params = ops.to([v.detach() for v in plan.views], dtypes)
+        ctx = GroupStep(group, params, grads, plan.states, steps, plan.opt_args, plan.names, ops)
+
+        wd: Coef = ctx.param_hyper("weight_decay")
+        mode = group["weight_decay_mode"]
+        updates = grads
+        if mode == "coupled" and not coef_is_zero(wd):
+            updates = ops.add(updates, ops.mul(params, wd))
+        for t in self._transforms:
+            updates = t.update(ctx, updates)
+
+        lr: Coef = coef_mul(ctx.param_hyper("lr"), ctx.param_hyper("lr_scale"))
+        if group["backoff_steps"] > 0:
+            lr = coef_mul(lr, ctx.per_param((steps > group["backoff_steps"]).to(torch.float64)))
+        decay = mode != "coupled" and not coef_is_zero(wd)
+        lr_wd = coef_mul(lr, wd) if decay else 0.0
+        targets = [v.detach() for v in plan.views]
+        direct = (
+            group["clip_step"] == 0
+            and group["nonfinite"] not in ("zero", "revert")
+            and all(t.dtype == d for t, d in zip(targets, dtypes))
+        )
+        if direct:
+            if decay and mode == "decoupled":
+                ops.mul_(targets, _one_minus(lr_wd))
+            ops.add_scaled_(targets, updates, _negate(lr))
+            if decay and mode == "proximal":
+                ops.mul_(targets, _reciprocal_one_plus(lr_wd))
+            return
+        delta = ops.mul(updates, lr)
+        if decay and mode == "decoupled":
+            ops.add_scaled_(delta, params, lr_wd)
+        if group["clip_step"] > 0:
+            delta = ops.clamp(delta, -group["clip_step"], group["clip_step"])
+        new = ops.sub(params, delta)
+        if decay and mode == "proximal":
+            ops.mul_(new, _reciprocal_one_plus(lr_wd))
+        if group["nonfinite"] in ("zero", "revert"):
+            new = ops.where(ops.isfinite(new), new, params)
+        if group["stochastic_rounding"]:
+            new = [_stochastic_round_to_bf16(n) if t.dtype == torch.bfloat16 else n for n, t in zip(new, targets)]
+        ops.copy_(targets, new)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["gradstep"] = {"optimizer": type(self).__name__, "global_step": self._global_step}
+        return sd
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        me = type(self).__name__
+        meta = state_dict.get("gradstep")
+        if meta is not None and meta.get("optimizer") != me:
+            raise ValueError(f"this state_dict was saved by gradstep.{meta.get('optimizer')}, not by {me}")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            missing = sorted(set(self.defaults) - set(saved))
+            if missing:
+                raise ValueError(
+                    f"{me} cannot load this state_dict: its param group {gi} lacks {', '.join(missing)} "
+                    f"(was it saved by another optimizer?)"
+                )
+            for name, hyper in self.declared_hypers().items():
+                if name in saved:
+                    hyper.validate(saved[name])
+        allowed = set().union(*(self.expected_state_keys(g) for g in state_dict["param_groups"])) or {"step"}
+        for pid, pstate in state_dict["state"].items():
+            extra = sorted(set(pstate) - allowed)
+            if extra:
+                raise ValueError(
+                    f"{me} cannot load this state_dict: state of parameter {pid} has {', '.join(map(str, extra))}, "
+                    f"which {me} does not keep (was it saved by another optimizer?)"
+                )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict saved by the same optimizer class.
+
+        Unlike ``torch.optim``, state tensors are copied (the source optimizer keeps its own) and keep their saved
+        dtype (fp32 state of bf16 parameters stays fp32). A state_dict from another optimizer raises ``ValueError``.
+        """
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        self._check_loadable(state_dict)
+        id_map = dict(
+            zip(chain.from_iterable(g["params"] for g in saved_groups), chain.from_iterable(g["params"] for g in groups))
+        )
+        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        for pid, pstate in state_dict["state"].items():
+            param = id_map.get(pid)
+            if param is None:
+                state[pid] = deepcopy(pstate)
+                continue
+            state[param] = {
+                k: v.detach().to(device=param.device, copy=True) if isinstance(v, Tensor) else deepcopy(v)
+                for k, v in pstate.items()
+            }
+        for group, saved in zip(groups, saved_groups):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+        self.__setstate__({"state": state, "param_groups": saved_groups})
+        self._global_step = int(state_dict.get("gradstep", {}).get("global_step", 0))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        sd = super().__getstate__()
+        sd.update(_transforms=self._transforms, _global_step=self._global_step, _skipped_steps=self._skipped_steps)
+        return sd
+
+    def __repr__(self) -> str:
+        chain_text = ", ".join(map(repr, self._transforms))
+        return f"{type(self).__name__}[{chain_text}]" + super().__repr__()[len(type(self).__name__) :]
+
+
+def _negate(c: Coef) -> Coef:
+    return [-x for x in c] if isinstance(c, (list, tuple)) else -c  # type: ignore[operator]
+
+
+def _one_minus(c: Coef) -> Coef:
+    return [1 - x for x in c] if isinstance(c, (list, tuple)) else 1 - c  # type: ignore[operator]
+
+
+def _reciprocal_one_plus(c: Coef) -> Coef:
+    return [1 / (1 + x) for x in c] if isinstance(c, (list, tuple)) else 1 / (1 + c)  # type: ignore[operator]
+
+
+def _as_groups(params: Any) -> list[dict[str, Any]]:
+    if isinstance(params, Tensor):
+        raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts")
+    params = list(params)
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    if isinstance(params[0], dict):
+        return [dict(g) for g in params]
+    return [{"params": params}]
+
+
+def chain(params: Iterable[Any], *transforms: Transform, **hypers: Any) -> ChainedOptimizer:
+    """Build an optimizer from transforms, without subclassing.
+
+    Example::
+
+        >>> import torch, gradstep
+        >>> from gradstep.transforms import ScaleBySign, Momentum
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> opt = gradstep.chain([w], ScaleBySign(), Momentum(), lr=0.1, momentum=0.5)
+        >>> w.grad = torch.tensor([1.0, -2.0, 0.0]); _ = opt.step()
+        >>> w.detach()
+        tensor([0.9000, 1.1000, 1.0000])
+    """
+    if not transforms:
+        warnings.warn("chain() with no transforms is plain SGD on the raw gradient", stacklevel=2)
+    return ChainedOptimizer(params, transforms, **hypers)

@@ -1,0 +1,181 @@
+"""The registry: every optimizer by name, with what the tests, the docs and the command line need to know of it.
+
+``create(name, params, **hypers)`` builds one; ``from_config`` builds one from a dict or a string such as
+``"adamw(lr=3e-4, weight_decay=0.1)"``; ``available()`` lists the names. A *preset* is an entry that is an existing
+class with other defaults (fastai's and GoMLX's configurations).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .hypers import REQUIRED
+
+__all__ = ["Capabilities", "Entry", "available", "create", "from_config", "get", "parse_spec", "register"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an optimizer supports, measured on a real instance (see :meth:`Entry.capabilities`).
+
+    Attributes:
+        supports_complex: complex parameters are optimized (as pairs of reals).
+        supports_sparse: sparse gradients are accepted.
+        closure_required: ``step()`` needs a closure.
+        state_tensors: parameter-sized state tensors kept per parameter with the default hyperparameters.
+        state_bytes_per_param: bytes of state per float32 parameter element.
+        sharding: how the update reads a parameter: ``"elementwise"``, ``"per-tensor reduction"`` or ``"whole-tensor"``.
+    """
+
+    supports_complex: bool
+    supports_sparse: bool
+    closure_required: bool
+    state_tensors: int
+    state_bytes_per_param: int
+    sharding: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered optimizer.
+
+    Attributes:
+        name: registry name (lower case).
+        cls: the optimizer class.
+        summary: one line.
+        paper: the reference (authors, year, title, arXiv id).
+        originals: the implementations it reproduces (and is tested against).
+        preset: hyperparameter defaults that differ from the class's (presets only).
+        example: non-default hyperparameters used by the tests and the examples.
+        invalid: ``(hypers, argument name)`` pairs that must raise ``ValueError`` naming the argument.
+        sharding: see :class:`Capabilities`.
+    """
+
+    name: str
+    cls: type[torch.optim.Optimizer]
+    summary: str
+    paper: str
+    originals: tuple[str, ...] = ()
+    preset: dict[str, Any] = field(default_factory=dict)
+    example: dict[str, Any] = field(default_factory=dict)
+    invalid: tuple[tuple[dict[str, Any], str], ...] = ()
+    sharding: str = "elementwise"
+
+    def __call__(self, params: Any, **hypers: Any) -> torch.optim.Optimizer:
+        return self.cls(params, **{**self.preset, **hypers})
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The defaults of every hyperparameter (with the preset applied)."""
+        opt = self._probe()
+        return dict(opt.defaults)
+
+    def _probe(self) -> torch.optim.Optimizer:
+        # A preset whose lr is required (fastai's) is probed with an arbitrary one.
+        lr = {"lr": 1e-3} if self.preset.get("lr") is REQUIRED else {}
+        return self([torch.nn.Parameter(torch.zeros(4, 4))], **lr)
+
+    @functools.cached_property
+    def capabilities(self) -> Capabilities:
+        opt = self._probe()
+        p = opt.param_groups[0]["params"][0]
+        init = getattr(opt, "init_state", None)
+        if init is not None:
+            init()
+        tensors = [v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.numel() == p.numel()]
+        supports_complex = bool(getattr(opt, "_supports_complex", lambda: False)())
+        return Capabilities(
+            supports_complex=supports_complex,
+            supports_sparse=False,
+            closure_required=False,
+            state_tensors=len(tensors),
+            state_bytes_per_param=sum(t.element_size() for t in tensors),
+            sharding=self.sharding,
+        )
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(entry: Entry) -> Entry:
+    """Add an entry; a name can be registered once."""
+    key = entry.name.lower()
+    if key in _REGISTRY:
+        raise ValueError(f"optimizer {entry.name!r} is already registered")
+    _REGISTRY[key] = entry
+    return entry
+
+
+def available() -> list[str]:
+    """Every registered name, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Entry:
+    """The entry of ``name`` (case-insensitive); an unknown name raises ``ValueError`` listing the valid ones."""
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(available())}") from None
+
+
+def create(name: str, params: Iterable[Any], **hypers: Any) -> torch.optim.Optimizer:
+    """Build the optimizer registered as ``name``.
+
+    Example::
+
+        >>> import torch, gradstep
+        >>> opt = gradstep.create("adamw", [torch.nn.Parameter(torch.zeros(2))], lr=3e-4)
+        >>> type(opt).__name__, opt.defaults["weight_decay"]
+        ('AdamW', 0.01)
+    """
+    return get(name)(params, **hypers)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Parse ``"name"``, ``"name(k=v, ...)"`` or the command line's ``"name:k=v,..."`` into a name and literals."""
+    text = spec.strip()
+    if ":" in text and "(" not in text:
+        name, _, rest = text.partition(":")
+        text = f"{name}({rest})"
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError as exc:
+        raise ValueError(f"cannot parse optimizer spec {spec!r}: {exc.msg}") from None
+    if isinstance(node, ast.Name):
+        return node.id, {}
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+        raise ValueError(f"optimizer spec {spec!r} must look like name(key=value, ...)")
+    hypers: dict[str, Any] = {}
+    for kw in node.keywords:
+        if kw.arg is None:
+            raise ValueError(f"optimizer spec {spec!r}: ** is not allowed")
+        try:
+            hypers[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            raise ValueError(f"optimizer spec {spec!r}: the value of {kw.arg} is not a literal") from None
+    return node.func.id, hypers
+
+
+def from_config(config: str | dict[str, Any], params: Iterable[Any]) -> torch.optim.Optimizer:
+    """Build an optimizer from ``"adamw(lr=3e-4, weight_decay=0.1)"`` or ``{"name": "adamw", "lr": 3e-4}``."""
+    if isinstance(config, str):
+        name, hypers = parse_spec(config)
+    elif isinstance(config, dict):
+        hypers = dict(config)
+        name = hypers.pop("name", None) or hypers.pop("optimizer", None)
+        if not isinstance(name, str):
+            raise ValueError("an optimizer config dict needs a 'name' key")
+    else:
+        raise TypeError(f"an optimizer config is a str or a dict, got {type(config).__name__}")
+    return create(name, params, **hypers)
+
+
+def entries() -> list[Entry]:
+    return [_REGISTRY[k] for k in available()]
+

@@ -1,0 +1,161 @@
+"""Transforms: the small steps an optimizer's update rule is built from.
+
+A :class:`Transform` maps the current update direction of a whole parameter group (a list of tensors, one per
+parameter that has a gradient) to a new direction, reading its hyperparameters from the group and keeping its own
+per-parameter state tensors. The core (:class:`~gradstep.core.optimizer.ChainedOptimizer`) owns everything around
+it: state creation, the step counter, weight decay, the learning rate, clipping of the final step, the non-finite
+policy and the parameter write.
+
+Conventions, as in optax and fastai's steppers:
+
+* a transform never modifies the incoming ``updates`` (they may be the user's gradients); it returns new tensors
+  and updates its own state in place;
+* the chain's output ``d`` is a *descent direction*: the core applies ``p <- p - lr * d``;
+* state keys are readable and stable (torch's names where torch has the same buffer): they are a checkpoint format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .hypers import Hyper
+from .ops import FOREACH, Coef, PerTensorOps, TensorList, is_number
+
+__all__ = ["BufferInit", "GroupStep", "Transform", "param_copy", "zeros"]
+
+BufferInit = Callable[[Tensor, torch.dtype], Tensor]
+
+
+def zeros(param: Tensor, dtype: torch.dtype) -> Tensor:
+    """A zero buffer shaped like the parameter, in the state dtype."""
+    return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def param_copy(param: Tensor, dtype: torch.dtype) -> Tensor:
+    """A copy of the parameter's current value, in the state dtype."""
+    return param.detach().to(dtype=dtype, copy=True)
+
+
+class GroupStep:
+    """What a transform sees during one step of one parameter group.
+
+    Attributes:
+        group: the param group dict (hyperparameters are read from it afresh every step).
+        params: the group's parameters that have a gradient (real views of complex ones).
+        grads: their gradients, negated under ``maximize``, cast to the state dtype; never the user's tensors when
+            a copy was needed, and never to be modified.
+        states: each parameter's state dict.
+        ops: :data:`~gradstep.core.ops.FOREACH` or the per-tensor reference.
+        steps: the per-parameter step counts after this step's increment, as a float64 vector.
+        opt_args: each parameter's ``opt_args`` dict (ALF's per-parameter overrides), or ``None``.
+        names: each parameter's name (from named parameters) or a positional description.
+    """
+
+    def __init__(
+        self,
+        group: dict[str, Any],
+        params: TensorList,
+        grads: TensorList,
+        states: list[dict[str, Any]],
+        steps: Tensor,
+        opt_args: list[dict[str, Any] | None],
+        names: list[str],
+        ops: PerTensorOps = FOREACH,
+    ) -> None:
+        self.group = group
+        self.params = params
+        self.grads = grads
+        self.states = states
+        self.steps = steps
+        self.opt_args = opt_args
+        self.names = names
+        self.ops = ops
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def hyper(self, name: str) -> Any:
+        """The group's value of a hyperparameter."""
+        return self.group[name]
+
+    def param_hyper(self, name: str, default: Any = None) -> Coef:
+        """A hyperparameter that a parameter's ``opt_args`` may override (``None`` there means "the group's").
+
+        Returns the group's scalar when no parameter overrides it, else one value per parameter.
+        """
+        value = self.group[name] if name in self.group else default
+        overrides = [None if a is None else a.get(name) for a in self.opt_args]
+        if all(o is None for o in overrides):
+            return value
+        return [value if o is None else o for o in overrides]
+
+    def buffer(self, name: str) -> TensorList:
+        """The state tensor ``name`` of every parameter (created by the core from :meth:`Transform.buffers`)."""
+        return [state[name] for state in self.states]
+
+    def per_param(self, values: Tensor) -> list[Tensor]:
+        """Split a vector with one value per parameter into 0-d tensors usable as a coefficient."""
+        return list(values.unbind(0)) if len(self) else []
+
+    def power(self, base: Any) -> Tensor:
+        """``base ** t`` for every parameter's step count ``t`` (a float64 vector), computed without a sync."""
+        if isinstance(base, Tensor):
+            base = base.to(device=self.steps.device, dtype=torch.float64)
+            return torch.pow(base, self.steps)
+        return torch.pow(torch.tensor(float(base), dtype=torch.float64, device=self.steps.device), self.steps)
+
+    def bias_correction(self, beta: Any) -> Tensor:
+        """``1 - beta ** t`` per parameter (float64 vector)."""
+        return 1.0 - self.power(beta)
+
+
+class Transform:
+    """One step of an update rule, over a whole parameter group.
+
+    Subclasses set :attr:`hypers` (what they read from the group), override :meth:`buffers` (what state they keep)
+    and :meth:`update` (the math). See the module docstring for the conventions.
+    """
+
+    hypers: ClassVar[tuple[Hyper, ...]] = ()
+    elementwise: ClassVar[bool] = False
+    """True when the math acts element by element (complex parameters are then handled as real pairs)."""
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for a combination of hyperparameters that cannot work together."""
+
+    def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:
+        """State tensors this transform keeps for a parameter of ``group``, by name, with their initialiser."""
+        return {}
+
+    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def coef_mul(a: Coef, b: Coef) -> Coef:
+    """The product of two coefficients (each a scalar, a 0-d tensor, or one value per parameter)."""
+    a_list = isinstance(a, (list, tuple))
+    b_list = isinstance(b, (list, tuple))
+    if not a_list and not b_list:
+        if is_number(b) and b == 1:
+            return a
+        if is_number(a) and a == 1:
+            return b
+        return a * b  # type: ignore[operator]
+    n = len(a) if a_list else len(b)  # type: ignore[arg-type]
+    av: Sequence[Any] = a if a_list else [a] * n  # type: ignore[assignment]
+    bv: Sequence[Any] = b if b_list else [b] * n  # type: ignore[assignment]
+    return [x * y for x, y in zip(av, bv)]
+
+
+def coef_is_zero(c: Coef) -> bool:
+    """True when a coefficient is known to be zero without reading a tensor (a tensor counts as non-zero)."""
+    if isinstance(c, (list, tuple)):
+        return all(coef_is_zero(x) for x in c)
+    return is_number(c) and c == 0
