@@ -319,7 +319,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         lr: Coef = coef_mul(ctx.param_hyper("lr"), ctx.param_hyper("lr_scale"))
         if group["backoff_steps"] > 0:
             lr = coef_mul(lr, ctx.per_param((steps > group["backoff_steps"]).to(torch.float64)))
-        decay = mode != "coupled" and not coef_is_zero(wd)
+        # Other modes (e.g. "trust_ratio") are declared and applied by a transform of the chain.
+        decay = mode in ("decoupled", "proximal") and not coef_is_zero(wd)
         lr_wd = coef_mul(lr, wd) if decay else 0.0
         targets = [v.detach() for v in plan.views]
         direct = (
@@ -333,14 +334,22 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             ops.add_scaled_(targets, updates, _negate(lr))
             if decay and mode == "proximal":
                 ops.mul_(targets, _reciprocal_one_plus(lr_wd))
-            return
+        else:
+            self._write_step(ctx, targets, updates, lr, lr_wd if decay else None)
+        for t in self._transforms:
+            t.after_step(ctx, targets)
+
+    def _write_step(self, ctx: GroupStep, targets: TensorList, updates: TensorList, lr: Coef, lr_wd: Coef | None) -> None:
+        """The general write: explicit step (clipped), reverts of non-finite elements, low-precision parameters."""
+        group, ops, params = ctx.group, ctx.ops, ctx.params
+        mode = group["weight_decay_mode"]
         delta = ops.mul(updates, lr)
-        if decay and mode == "decoupled":
+        if lr_wd is not None and mode == "decoupled":
             ops.add_scaled_(delta, params, lr_wd)
         if group["clip_step"] > 0:
             delta = ops.clamp(delta, -group["clip_step"], group["clip_step"])
         new = ops.sub(params, delta)
-        if decay and mode == "proximal":
+        if lr_wd is not None and mode == "proximal":
             ops.mul_(new, _reciprocal_one_plus(lr_wd))
         if group["nonfinite"] in ("zero", "revert"):
             new = ops.where(ops.isfinite(new), new, params)

@@ -134,6 +134,12 @@ class Transform:
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
         raise NotImplementedError
 
+    def after_step(self, ctx: GroupStep, params: TensorList) -> None:
+        """Act on the parameters in place after the core has written the step (projections, constraints).
+
+        ``params`` are the group's parameters that had a gradient (real views), in their own dtype.
+        """
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
