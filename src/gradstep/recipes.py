@@ -151,7 +151,8 @@ def gomlx(params: Any, hyperparams: dict[str, Any], *, intended_adamw_decay: boo
     Example::
 
         >>> import torch, gradstep
-        >>> opt = gradstep.recipes.gomlx([torch.nn.Parameter(torch.zeros(3))], {"optimizer": "adam", "adam_beta2": 0.99})
+        >>> params = [torch.nn.Parameter(torch.zeros(3))]
+        >>> opt = gradstep.recipes.gomlx(params, {"optimizer": "adam", "adam_beta2": 0.99})
         >>> opt.defaults["betas"], opt.defaults["eps"]
         ((0.9, 0.99), 1e-07)
     """
@@ -192,4 +193,3 @@ def gomlx(params: Any, hyperparams: dict[str, Any], *, intended_adamw_decay: boo
         if name == "rmsprop":
             hypers["alpha"] = hypers.pop("betas")[1]
     return create(f"gomlx_{name}", params, **hypers)
-

@@ -84,7 +84,7 @@ class GroupToolsMixin:
 
 def mark_norm_params(model: nn.Module) -> list[torch.Tensor]:
     """Mark the parameters of normalisation layers with ``opt_args['force_train'] = True`` and return them."""
-    marked = []
+    marked: list[torch.Tensor] = []
     for module in model.modules():
         if isinstance(module, NORM_LAYERS):
             for p in module.parameters(recurse=False):
@@ -142,7 +142,7 @@ def param_groups(
         )
         buckets.setdefault((layer_of.get(id(p), 0), decayed), []).append((name, p))
     groups = []
-    for (layer, decayed), named in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
-        scale = 1.0 if layer_decay is None else layer_decay ** (n_layers - 1 - layer)
+    for (depth, decayed), named in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
+        scale = 1.0 if layer_decay is None else layer_decay ** (n_layers - 1 - depth)
         groups.append({"params": named, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale})
     return groups

@@ -15,7 +15,7 @@ tensor per tensor (per-parameter values such as bias corrections or ``opt_args``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -207,7 +207,7 @@ class ForeachOps(PerTensorOps):
             torch._foreach_zero_(list(xs))
 
 
-def _coef(c: object) -> object:
+def _coef(c: Any) -> Any:
     # foreach kernels take a Scalar, a 0-d Tensor, a list of Scalars or a list of Tensors; tuples become lists.
     return list(c) if isinstance(c, tuple) else c
 

@@ -17,11 +17,11 @@ optional stochastic rounding of the write), complex parameters (as real views), 
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from copy import deepcopy
-from itertools import chain
 from typing import Any
 
 import torch
@@ -339,7 +339,9 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         for t in self._transforms:
             t.after_step(ctx, targets)
 
-    def _write_step(self, ctx: GroupStep, targets: TensorList, updates: TensorList, lr: Coef, lr_wd: Coef | None) -> None:
+    def _write_step(
+        self, ctx: GroupStep, targets: TensorList, updates: TensorList, lr: Coef, lr_wd: Coef | None
+    ) -> None:
         """The general write: explicit step (clipped), reverts of non-finite elements, low-precision parameters."""
         group, ops, params = ctx.group, ctx.ops, ctx.params
         mode = group["weight_decay_mode"]
@@ -368,7 +370,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         meta = state_dict.get("gradstep")
         if meta is not None and meta.get("optimizer") != me:
             raise ValueError(f"this state_dict was saved by gradstep.{meta.get('optimizer')}, not by {me}")
-        for gi, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+        for gi, saved in enumerate(state_dict["param_groups"]):
             missing = sorted(set(self.defaults) - set(saved))
             if missing:
                 raise ValueError(
@@ -403,10 +405,15 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         if len(groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
-            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+            )
         self._check_loadable(state_dict)
         id_map = dict(
-            zip(chain.from_iterable(g["params"] for g in saved_groups), chain.from_iterable(g["params"] for g in groups))
+            zip(
+                itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                itertools.chain.from_iterable(g["params"] for g in groups),
+            )
         )
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         for pid, pstate in state_dict["state"].items():

@@ -71,4 +71,6 @@ def row_dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[Tensor]:
 
 def row_means(xs: Sequence[Tensor]) -> list[Tensor]:
     """The mean of each row (all dims but the first), shaped to broadcast against the tensor."""
-    return [_wide(x).reshape(x.shape[0], -1).mean(dim=1).reshape(_row_shape(x)) if x.dim() > 0 else _wide(x) for x in xs]
+    return [
+        _wide(x).reshape(x.shape[0], -1).mean(dim=1).reshape(_row_shape(x)) if x.dim() > 0 else _wide(x) for x in xs
+    ]

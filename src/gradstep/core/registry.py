@@ -178,4 +178,3 @@ def from_config(config: str | dict[str, Any], params: Iterable[Any]) -> torch.op
 
 def entries() -> list[Entry]:
     return [_REGISTRY[k] for k in available()]
-

@@ -164,4 +164,4 @@ def coef_is_zero(c: Coef) -> bool:
     """True when a coefficient is known to be zero without reading a tensor (a tensor counts as non-zero)."""
     if isinstance(c, (list, tuple)):
         return all(coef_is_zero(x) for x in c)
-    return is_number(c) and c == 0
+    return bool(is_number(c) and c == 0)

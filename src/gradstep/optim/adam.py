@@ -49,7 +49,7 @@ class ScaleByAdam(Transform):
     )
 
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:
-        names = {"exp_avg": zeros, "exp_avg_sq": zeros}
+        names: dict[str, BufferInit] = {"exp_avg": zeros, "exp_avg_sq": zeros}
         if group["amsgrad"]:
             names["max_exp_avg_sq"] = zeros
         return names

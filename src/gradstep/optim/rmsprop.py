@@ -46,7 +46,7 @@ class ScaleByRms(Transform):
     )
 
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:
-        names = {"square_avg": zeros}
+        names: dict[str, BufferInit] = {"square_avg": zeros}
         if group["centered"]:
             names["grad_avg"] = zeros
         if group["momentum"] != 0:
