@@ -93,9 +93,9 @@ class PerTensorOps:
         for i, x in enumerate(xs):
             x.mul_(_at(c, i))
 
-    def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
-        for x, y in zip(xs, ys):
-            x.add_(y)
+    def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor] | Coef) -> None:
+        for i, x in enumerate(xs):
+            x.add_(_at(ys, i))
 
     def add_scaled_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], c: Coef) -> None:
         """``x += c * y``."""
@@ -178,8 +178,8 @@ class ForeachOps(PerTensorOps):
     def mul_(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> None:
         torch._foreach_mul_(list(xs), _coef(c))
 
-    def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
-        torch._foreach_add_(list(xs), list(ys))
+    def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor] | Coef) -> None:
+        torch._foreach_add_(list(xs), _coef(ys))
 
     def add_scaled_(self, xs: Sequence[Tensor], ys: Sequence[Tensor], c: Coef) -> None:
         if is_number(c):

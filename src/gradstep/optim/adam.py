@@ -68,12 +68,13 @@ class ScaleByAdam(Transform):
             ops.maximum_(second, exp_avg_sq)
         bc1 = ctx.bias_correction(beta1)
         sqrt_bc2 = torch.sqrt(ctx.bias_correction(beta2))
+        # Both eps conventions as one denominator with the bias corrections folded in, written in place into the
+        # fresh sqrt(v): torch: bc1 * (sqrt(v)/sqrt(bc2) + eps); tf: (sqrt(v) + eps) * bc1/sqrt(bc2).
         denom = ops.sqrt(second)
-        if ctx.hyper("eps_mode") == "torch":
-            denom = ops.add(ops.div(denom, ctx.per_param(sqrt_bc2)), eps)
-            return ops.div(ops.div(exp_avg, denom), ctx.per_param(bc1))
-        denom = ops.add(denom, eps)
-        return ops.mul(ops.div(exp_avg, denom), ctx.per_param(sqrt_bc2 / bc1))
+        ops.mul_(denom, ctx.per_param(bc1 / sqrt_bc2))
+        eps_term = bc1 * eps if ctx.hyper("eps_mode") == "torch" else bc1 / sqrt_bc2 * eps
+        ops.add_(denom, ctx.per_param(eps_term))
+        return ops.div(exp_avg, denom)
 
 
 class ScaleByAdamax(Transform):
@@ -106,7 +107,9 @@ class ScaleByAdamax(Transform):
         else:
             ops.maximum_(exp_inf, ops.abs(updates))
             denom = ops.add(exp_inf, eps)
-        return ops.div(ops.div(exp_avg, denom), ctx.per_param(ctx.bias_correction(beta1)))
+        direction = ops.div(exp_avg, denom)
+        ops.mul_(direction, ctx.per_param(1.0 / ctx.bias_correction(beta1)))
+        return direction
 
 
 class Adam(ChainedOptimizer):
