@@ -51,6 +51,10 @@ class GroupToolsMixin:
         if hyper is not None:
             for v in values:
                 hyper.validate(v)
+        # Combinations are checked on the would-be groups first, so a refused value changes nothing.
+        for group, v in zip(self.param_groups, values):
+            for transform in getattr(self, "transforms", ()):
+                transform.check_group({**group, name: v})
         for group, v in zip(self.param_groups, values):
             group[name] = v
 
