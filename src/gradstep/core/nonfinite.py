@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .reductions import tensor_norms
+
 __all__ = ["POLICIES", "NonFiniteError", "NonFiniteEvent", "NonFiniteTracer", "first_nonfinite", "finite_flags"]
 
 POLICIES = ("error", "skip", "zero", "revert", "ignore")
@@ -39,8 +41,7 @@ def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
     # The max-abs norm is finite exactly when every element is (NaN and inf propagate); an L2 norm could overflow.
-    maxabs = torch._foreach_norm(list(tensors), math.inf)
-    return torch.isfinite(torch.stack([m.to(tensors[0].device) for m in maxabs]))
+    return torch.isfinite(tensor_norms(tensors, math.inf))
 
 
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:

@@ -21,10 +21,20 @@ def _wide(t: Tensor) -> Tensor:
 
 
 def tensor_norms(xs: Sequence[Tensor], ord: float = 2.0) -> Tensor:
-    """The norm of each tensor (over all its elements), as one vector, computed in one multi-tensor pass."""
+    """The norm of each tensor (over all its elements), as one vector, computed in one multi-tensor pass.
+
+    A zero-size tensor has norm 0 (``_foreach_norm`` refuses the infinity norm of an empty tensor).
+    """
     if not xs:
         return torch.zeros(0)
-    return torch.stack([_wide(n) for n in torch._foreach_norm(list(xs), ord)])
+    if all(x.numel() > 0 for x in xs):
+        return torch.stack([_wide(n) for n in torch._foreach_norm(list(xs), ord)])
+    filled = [i for i, x in enumerate(xs) if x.numel() > 0]
+    norms = torch.zeros(len(xs), dtype=_wide(xs[0]).dtype if xs[0].is_floating_point() else torch.float32)
+    norms = norms.to(xs[0].device)
+    if filled:
+        norms[filled] = tensor_norms([xs[i] for i in filled], ord).to(norms.dtype)
+    return norms
 
 
 def global_norm(xs: Sequence[Tensor]) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,9 +72,10 @@ class Entry:
         return self.cls(params, **{**self.preset, **hypers})
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The defaults of every hyperparameter (with the preset applied)."""
-        opt = self._probe()
-        return dict(opt.defaults)
+        """The defaults of every hyperparameter (with the preset applied; ``REQUIRED`` where there is none)."""
+        defaults = dict(self._probe().defaults)
+        defaults.update({k: v for k, v in self.preset.items() if v is REQUIRED})
+        return defaults
 
     def _probe(self) -> torch.optim.Optimizer:
         # A preset whose lr is required (fastai's) is probed with an arbitrary one.
@@ -140,9 +142,9 @@ def create(name: str, params: Iterable[Any], **hypers: Any) -> torch.optim.Optim
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """Parse ``"name"``, ``"name(k=v, ...)"`` or the command line's ``"name:k=v,..."`` into a name and literals."""
     text = spec.strip()
-    if ":" in text and "(" not in text:
-        name, _, rest = text.partition(":")
-        text = f"{name}({rest})"
+    colon_form = re.match(r"^\s*([A-Za-z_]\w*)\s*:(.*)$", text, re.DOTALL)
+    if colon_form:
+        text = f"{colon_form.group(1)}({colon_form.group(2)})"
     try:
         node = ast.parse(text, mode="eval").body
     except SyntaxError as exc:
@@ -155,6 +157,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for kw in node.keywords:
         if kw.arg is None:
             raise ValueError(f"optimizer spec {spec!r}: ** is not allowed")
+        if kw.arg in hypers:
+            raise ValueError(f"optimizer spec {spec!r}: {kw.arg} given twice")
         try:
             hypers[kw.arg] = ast.literal_eval(kw.value)
         except ValueError:
