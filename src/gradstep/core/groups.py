@@ -44,8 +44,9 @@ class GroupToolsMixin:
         if name not in declared and not all(name in g for g in self.param_groups):
             raise KeyError(f"unknown hyperparameter {name!r}; known: {', '.join(declared or self.param_groups[0])}")
         hyper = declared.get(name)
-        if isinstance(value, list) and hyper is not None and not hyper.scalar and len(value) == 2:
-            values = [value] * len(self.param_groups)  # a pair such as betas is one value, not two
+        per_group = isinstance(value, list) and all(isinstance(v, (tuple, list)) for v in value)
+        if hyper is not None and not hyper.scalar and not per_group:
+            values = [value] * len(self.param_groups)  # a pair such as betas is one value, not one per group
         else:
             values = spread(value, len(self.param_groups))
         if hyper is not None:
@@ -62,24 +63,37 @@ class GroupToolsMixin:
         for name, value in values.items():
             self.set_hyper(name, value)
 
-    def freeze_to(self, n: int, train_bn: bool = True) -> None:
-        """Freeze the groups before ``n`` (negative counts from the end) and unfreeze the others."""
+    def _units(self) -> list[list[dict[str, Any]]]:
+        # Groups made by param_groups() carry their layer: freezing counts layers, not (decay, no-decay) halves.
         groups = self.param_groups
-        frozen = n if n >= 0 else len(groups) + n
-        if frozen >= len(groups):
-            warnings.warn(f"freezing {frozen} groups of {len(groups)}: the whole model is frozen", stacklevel=2)
-        for group in groups[n:]:
-            for p in group["params"]:
-                p.requires_grad_(True)
-        for group in groups[:n]:
-            for p in group["params"]:
-                args = getattr(p, "opt_args", None) or {}
-                p.requires_grad_(bool(train_bn and args.get("force_train", False)))
+        if groups and all("layer" in g for g in groups):
+            layers = sorted({g["layer"] for g in groups})
+            return [[g for g in groups if g["layer"] == layer] for layer in layers]
+        return [[g] for g in groups]
+
+    def freeze_to(self, n: int, train_bn: bool = True) -> None:
+        """Freeze the groups (or layers, for groups from :func:`param_groups`) before ``n``; unfreeze the others.
+
+        A negative ``n`` counts from the end.
+        """
+        units = self._units()
+        frozen = n if n >= 0 else len(units) + n
+        if frozen >= len(units):
+            warnings.warn(f"freezing {frozen} groups of {len(units)}: the whole model is frozen", stacklevel=2)
+        for unit in units[n:]:
+            for group in unit:
+                for p in group["params"]:
+                    p.requires_grad_(True)
+        for unit in units[:n]:
+            for group in unit:
+                for p in group["params"]:
+                    args = getattr(p, "opt_args", None) or {}
+                    p.requires_grad_(bool(train_bn and args.get("force_train", False)))
 
     def freeze(self, train_bn: bool = True) -> None:
         """Train only the last group (and normalisation layers when ``train_bn``)."""
-        if len(self.param_groups) < 2:
-            raise ValueError("freeze() needs at least two parameter groups")
+        if len(self._units()) < 2:
+            raise ValueError("freeze() needs at least two parameter groups (or layers)")
         self.freeze_to(-1, train_bn)
 
     def unfreeze(self) -> None:
@@ -121,8 +135,9 @@ def param_groups(
 
     Returns:
         Groups ordered from the first layer to the last, each ``{'params': [(name, p), ...], 'weight_decay': ...,
-        'lr_scale': ...}`` (named parameters, so errors and tracers can name them). Normalisation parameters are
-        marked ``force_train`` (see :func:`mark_norm_params`).
+        'lr_scale': ..., 'layer': i}`` (named parameters, so errors and tracers can name them). ``freeze_to(n)``
+        counts layers for such groups. Normalisation parameters are marked ``force_train`` (see
+        :func:`mark_norm_params`).
     """
     if layer_decay is not None and not 0 < layer_decay <= 1:
         raise ValueError(f"Invalid layer_decay: {layer_decay!r} (must be in (0, 1])")
@@ -148,5 +163,7 @@ def param_groups(
     groups = []
     for (depth, decayed), named in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
         scale = 1.0 if layer_decay is None else layer_decay ** (n_layers - 1 - depth)
-        groups.append({"params": named, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale})
+        groups.append(
+            {"params": named, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale, "layer": depth}
+        )
     return groups

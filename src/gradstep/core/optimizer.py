@@ -130,8 +130,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         expand_hypers(given, declared, groups)
         for name, value in given.items():
             defaults[name] = declared[name].validate(value)
-        self._global_step = 0
-        self._skipped_steps = 0
+        # A dict, not int attributes: torch.compile drops int attribute updates on an optimizer.
+        self._counters = {"global_step": 0, "skipped_steps": 0}
         super().__init__(groups, defaults)
 
     # --- declarations -----------------------------------------------------------------------------------------
@@ -156,12 +156,12 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
     @property
     def global_step(self) -> int:
         """Number of steps taken (skipped steps excluded); saved in the state_dict."""
-        return self._global_step
+        return self._counters["global_step"]
 
     @property
     def skipped_steps(self) -> int:
         """Number of steps skipped by the ``"skip"`` non-finite policy."""
-        return self._skipped_steps
+        return self._counters["skipped_steps"]
 
     def _supports_complex(self) -> bool:
         return all(getattr(t, "elementwise", False) for t in self._transforms)
@@ -233,7 +233,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
     def clear_state(self) -> None:
         """Forget all state (moments, step counts); the next step starts afresh."""
         self.state = defaultdict(dict)
-        self._global_step = 0
+        self._counters["global_step"] = 0
 
     # --- step -------------------------------------------------------------------------------------------------
     def _gather(self, index: int, group: dict[str, Any]) -> _Plan:
@@ -281,12 +281,12 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 loss = closure()
         plans = [self._gather(i, g) for i, g in enumerate(self.param_groups)]
         if not self._screen(plans):
-            self._skipped_steps += 1
+            self._counters["skipped_steps"] += 1
             return loss
         for plan in plans:
             if plan.params:
                 self._update_group(plan)
-        self._global_step += 1
+        self._counters["global_step"] += 1
         return loss
 
     def _update_group(self, plan: _Plan) -> None:
@@ -326,6 +326,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         direct = (
             group["clip_step"] == 0
             and group["nonfinite"] not in ("zero", "revert")
+            and not group["stochastic_rounding"]
             and all(t.dtype == d for t, d in zip(targets, dtypes))
         )
         if direct:
@@ -350,6 +351,10 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             ops.add_scaled_(delta, params, lr_wd)
         if group["clip_step"] > 0:
             delta = ops.clamp(delta, -group["clip_step"], group["clip_step"])
+        if group["stochastic_rounding"]:
+            # Round once, from fp32, so that bf16 state or math does not round the new value to nearest first.
+            wide = [torch.float32 if t.dtype == torch.bfloat16 else p.dtype for p, t in zip(params, targets)]
+            params, delta = ops.to(params, wide), ops.to(delta, wide)
         new = ops.sub(params, delta)
         if lr_wd is not None and mode == "proximal":
             ops.mul_(new, _reciprocal_one_plus(lr_wd))
@@ -362,7 +367,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
     # --- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["gradstep"] = {"optimizer": type(self).__name__, "global_step": self._global_step}
+        sd["gradstep"] = {"optimizer": type(self).__name__, "global_step": self.global_step}
         return sd
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
@@ -430,13 +435,13 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
         self.__setstate__({"state": state, "param_groups": saved_groups})
-        self._global_step = int(state_dict.get("gradstep", {}).get("global_step", 0))
+        self._counters["global_step"] = int(state_dict.get("gradstep", {}).get("global_step", 0))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         sd = super().__getstate__()
-        sd.update(_transforms=self._transforms, _global_step=self._global_step, _skipped_steps=self._skipped_steps)
+        sd.update(_transforms=self._transforms, _counters=dict(self._counters))
         return sd
 
     def __repr__(self) -> str:
