@@ -11,17 +11,20 @@ from .core.nonfinite import NonFiniteError, NonFiniteEvent, NonFiniteTracer
 from .core.optimizer import ChainedOptimizer, chain
 from .core.registry import Capabilities, Entry, available, create, from_config, get, register
 from .core.transform import GroupStep, Transform
-from .optim import SGD, Adam, Adamax, AdamTF, AdamW, RMSProp, RMSprop
+from .optim import SGD, AdaBelief, Adam, Adamax, AdamTF, AdamW, Adan, AdEMAMix, RMSProp, RMSprop, TAdam
 
 __version__ = "0.1.0"
 
 __all__ = [
     "REQUIRED",
     "SGD",
+    "AdEMAMix",
+    "AdaBelief",
     "Adam",
     "AdamTF",
     "AdamW",
     "Adamax",
+    "Adan",
     "Capabilities",
     "ChainedOptimizer",
     "Entry",
@@ -32,6 +35,7 @@ __all__ = [
     "NonFiniteTracer",
     "RMSProp",
     "RMSprop",
+    "TAdam",
     "Transform",
     "available",
     "chain",

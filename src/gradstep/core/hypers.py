@@ -19,10 +19,12 @@ __all__ = [
     "Hyper",
     "REQUIRED",
     "beta_pair",
+    "beta_triple",
     "boolean",
     "non_negative",
     "non_negative_int",
     "one_of",
+    "optional_positive",
     "optional_bool",
     "positive",
     "spread",
@@ -120,6 +122,25 @@ def beta_pair(value: Any) -> str | None:
     for i, beta in enumerate(value):
         if unit_interval(beta) is not None:
             return f"betas[{i}] must be in [0, 1)"
+    return None
+
+
+def beta_triple(value: Any) -> str | None:
+    """Check for a ``betas`` triple (beta1, beta2, beta3), each in [0, 1)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        return "must be a triple (beta1, beta2, beta3)"
+    for i, beta in enumerate(value):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            return f"betas[{i}] must be in [0, 1)"
+    return None
+
+
+def optional_positive(value: Any) -> str | None:
+    """Check for ``None`` or a real number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+        return "must be None or a real number > 0"
     return None
 
 

@@ -29,9 +29,15 @@ from ..core.optimizer import ChainedOptimizer
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, zeros
 
-__all__ = ["Adam", "AdamTF", "AdamW", "Adamax", "ScaleByAdam", "ScaleByAdamax"]
+__all__ = ["Adam", "AdamTF", "AdamW", "Adamax", "ScaleByAdam", "ScaleByAdamax", "adam_denominator"]
 
 BETAS = Hyper("betas", (0.9, 0.999), beta_pair, "decay rates of the first and second moments", scalar=False)
+
+
+def adam_denominator(ctx: GroupStep, second: TensorList, beta2: float, eps: float) -> TensorList:
+    """torch-style ``sqrt(second / (1 - beta2^t)) + eps``, written as the originals do: ``sqrt(s)/sqrt(bc2) + eps``."""
+    sqrt_bc2 = torch.sqrt(ctx.bias_correction(beta2))
+    return ctx.ops.add(ctx.ops.div(ctx.ops.sqrt(second), ctx.per_param(sqrt_bc2)), eps)
 
 
 class ScaleByAdam(Transform):
