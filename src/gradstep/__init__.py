@@ -11,16 +11,15 @@ from .core.nonfinite import NonFiniteError, NonFiniteEvent, NonFiniteTracer
 from .core.optimizer import ChainedOptimizer, chain
 from .core.registry import Capabilities, Entry, available, create, from_config, get, register
 from .core.transform import GroupStep, Transform
-from .optim import SGD, AdaBelief, Adam, Adamax, AdamTF, AdamW, Adan, AdEMAMix, RMSProp, RMSprop, TAdam
+from .optim import SGD, AdaBelief, Adam, Adamax, AdamP, AdamTF, AdamW, Adan, AdEMAMix, NeroPlus, RMSProp, RMSprop, TAdam
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "REQUIRED",
-    "SGD",
     "AdEMAMix",
     "AdaBelief",
     "Adam",
+    "AdamP",
     "AdamTF",
     "AdamW",
     "Adamax",
@@ -30,11 +29,14 @@ __all__ = [
     "Entry",
     "GroupStep",
     "Hyper",
+    "NeroPlus",
     "NonFiniteError",
     "NonFiniteEvent",
     "NonFiniteTracer",
+    "REQUIRED",
     "RMSProp",
     "RMSprop",
+    "SGD",
     "TAdam",
     "Transform",
     "available",

@@ -174,13 +174,17 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 declared[name].validate(value)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for name in declared:
-            if group.get(name) is REQUIRED:
-                raise ValueError(f"{type(self).__name__} needs a value of {name} (no default)")
-        for t in self._transforms:
-            t.check_group(group)
-        for p in group["params"]:
-            self._check_param(p)
+        try:
+            for name in declared:
+                if group.get(name) is REQUIRED:
+                    raise ValueError(f"{type(self).__name__} needs a value of {name} (no default)")
+            for t in self._transforms:
+                t.check_group(group)
+            for p in group["params"]:
+                self._check_param(p)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # torch appends before our checks; a refused group must not stay
+            raise
 
     def _check_param(self, p: Tensor) -> None:
         if p.is_complex() and not self._supports_complex():

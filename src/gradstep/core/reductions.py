@@ -8,6 +8,7 @@ Per-tensor results come back as one vector with an entry per tensor; per-row res
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -52,6 +53,11 @@ def tensor_dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     return torch.stack([_wide(p).sum() for p in products])
 
 
+def _rows(x: Tensor) -> Tensor:
+    # reshape(n, -1) cannot infer -1 for an empty tensor; the row length is explicit.
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def _row_shape(x: Tensor) -> tuple[int, ...]:
     return (x.shape[0],) + (1,) * (x.dim() - 1) if x.dim() > 0 else ()
 
@@ -62,9 +68,7 @@ def row_norms(xs: Sequence[Tensor]) -> list[Tensor]:
     A 0-d tensor's "row" is the tensor itself.
     """
     return [
-        torch.linalg.vector_norm(_wide(x).reshape(x.shape[0], -1), dim=1).reshape(_row_shape(x))
-        if x.dim() > 0
-        else _wide(x).abs()
+        torch.linalg.vector_norm(_rows(_wide(x)), dim=1).reshape(_row_shape(x)) if x.dim() > 0 else _wide(x).abs()
         for x in xs
     ]
 
@@ -72,15 +76,11 @@ def row_norms(xs: Sequence[Tensor]) -> list[Tensor]:
 def row_dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[Tensor]:
     """The inner product of each row pair (all dims but the first), shaped to broadcast against the tensors."""
     return [
-        (_wide(x) * _wide(y)).reshape(x.shape[0], -1).sum(dim=1).reshape(_row_shape(x))
-        if x.dim() > 0
-        else _wide(x) * _wide(y)
+        _rows(_wide(x) * _wide(y)).sum(dim=1).reshape(_row_shape(x)) if x.dim() > 0 else _wide(x) * _wide(y)
         for x, y in zip(xs, ys)
     ]
 
 
 def row_means(xs: Sequence[Tensor]) -> list[Tensor]:
     """The mean of each row (all dims but the first), shaped to broadcast against the tensor."""
-    return [
-        _wide(x).reshape(x.shape[0], -1).mean(dim=1).reshape(_row_shape(x)) if x.dim() > 0 else _wide(x) for x in xs
-    ]
+    return [_rows(_wide(x)).mean(dim=1).reshape(_row_shape(x)) if x.dim() > 0 else _wide(x) for x in xs]

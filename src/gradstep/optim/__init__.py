@@ -1,10 +1,26 @@
 """The named optimizers, one file per family."""
 
 from .adam import Adam, Adamax, AdamTF, AdamW
+from .adamp import AdamP
 from .adan import Adan
 from .adaptive import AdaBelief, AdEMAMix
+from .nero import NeroPlus
 from .rmsprop import RMSProp, RMSprop
 from .sgd import SGD
 from .tadam import TAdam
 
-__all__ = ["SGD", "AdEMAMix", "AdaBelief", "Adam", "AdamTF", "AdamW", "Adamax", "Adan", "RMSProp", "RMSprop", "TAdam"]
+__all__ = [
+    "AdEMAMix",
+    "AdaBelief",
+    "Adam",
+    "AdamP",
+    "AdamTF",
+    "AdamW",
+    "Adamax",
+    "Adan",
+    "NeroPlus",
+    "RMSProp",
+    "RMSprop",
+    "SGD",
+    "TAdam",
+]
