@@ -11,7 +11,27 @@ from .core.nonfinite import NonFiniteError, NonFiniteEvent, NonFiniteTracer
 from .core.optimizer import ChainedOptimizer, chain
 from .core.registry import Capabilities, Entry, available, create, from_config, get, register
 from .core.transform import GroupStep, Transform
-from .optim import SGD, AdaBelief, Adam, Adamax, AdamP, AdamTF, AdamW, Adan, AdEMAMix, NeroPlus, RMSProp, RMSprop, TAdam
+from .optim import (
+    LAMB,
+    LARC,
+    LARS,
+    SGD,
+    AdaBelief,
+    Adam,
+    Adamax,
+    AdamP,
+    AdamTF,
+    AdamW,
+    Adan,
+    AdEMAMix,
+    NeroPlus,
+    QHAdam,
+    RAdam,
+    RaLars,
+    RMSProp,
+    RMSprop,
+    TAdam,
+)
 
 __version__ = "0.1.0"
 
@@ -29,13 +49,19 @@ __all__ = [
     "Entry",
     "GroupStep",
     "Hyper",
+    "LAMB",
+    "LARC",
+    "LARS",
     "NeroPlus",
     "NonFiniteError",
     "NonFiniteEvent",
     "NonFiniteTracer",
+    "QHAdam",
+    "RAdam",
     "REQUIRED",
     "RMSProp",
     "RMSprop",
+    "RaLars",
     "SGD",
     "TAdam",
     "Transform",

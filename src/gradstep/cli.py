@@ -62,12 +62,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _instance(entry: Entry) -> torch.optim.Optimizer:
     """A throwaway instance with the entry's defaults (a preset's required values get a placeholder)."""
-    placeholders = {k: 1e-3 for k, v in entry.preset.items() if v is REQUIRED}
+    placeholders = {k: entry.example.get(k, 1e-3) for k in entry.required_args}
     return entry([torch.nn.Parameter(torch.zeros(4, 4))], **placeholders)
 
 
 def _required(entry: Entry) -> list[str]:
-    return [k for k, v in entry.preset.items() if v is REQUIRED]
+    return list(entry.required_args)
 
 
 def _defaults(entry: Entry) -> dict[str, Any]:

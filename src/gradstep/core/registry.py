@@ -56,6 +56,8 @@ class Entry:
         example: non-default hyperparameters used by the tests and the examples.
         invalid: ``(hypers, argument name)`` pairs that must raise ``ValueError`` naming the argument.
         sharding: see :class:`Capabilities`.
+        required: arguments without a default (besides a preset's ``REQUIRED`` ones); probes take them from
+            ``example``.
     """
 
     name: str
@@ -67,6 +69,12 @@ class Entry:
     example: dict[str, Any] = field(default_factory=dict)
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     sharding: str = "elementwise"
+    required: tuple[str, ...] = ()
+
+    @property
+    def required_args(self) -> tuple[str, ...]:
+        """Every argument a user must give: ``required`` plus the preset's ``REQUIRED`` values."""
+        return tuple(dict.fromkeys(self.required + tuple(k for k, v in self.preset.items() if v is REQUIRED)))
 
     def __call__(self, params: Any, **hypers: Any) -> torch.optim.Optimizer:
         return self.cls(params, **{**self.preset, **hypers})
@@ -74,13 +82,13 @@ class Entry:
     def hyperparameters(self) -> dict[str, Any]:
         """The defaults of every hyperparameter (with the preset applied; ``REQUIRED`` where there is none)."""
         defaults = dict(self._probe().defaults)
-        defaults.update({k: v for k, v in self.preset.items() if v is REQUIRED})
+        defaults.update({k: REQUIRED for k in self.required_args})
         return defaults
 
     def _probe(self) -> torch.optim.Optimizer:
-        # A preset whose lr is required (fastai's) is probed with an arbitrary one.
-        lr = {"lr": 1e-3} if self.preset.get("lr") is REQUIRED else {}
-        return self([torch.nn.Parameter(torch.zeros(4, 4))], **lr)
+        # Arguments without a default (fastai's lr, rai's q or epsilon) are probed with the example's values.
+        given = {k: self.example.get(k, 1e-3) for k in self.required_args}
+        return self([torch.nn.Parameter(torch.zeros(4, 4))], **given)
 
     @functools.cached_property
     def capabilities(self) -> Capabilities:

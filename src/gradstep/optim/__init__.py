@@ -4,7 +4,9 @@ from .adam import Adam, Adamax, AdamTF, AdamW
 from .adamp import AdamP
 from .adan import Adan
 from .adaptive import AdaBelief, AdEMAMix
+from .layerwise import LAMB, LARC, LARS, RaLars
 from .nero import NeroPlus
+from .radam import QHAdam, RAdam
 from .rmsprop import RMSProp, RMSprop
 from .sgd import SGD
 from .tadam import TAdam
@@ -18,9 +20,15 @@ __all__ = [
     "AdamW",
     "Adamax",
     "Adan",
+    "LAMB",
+    "LARC",
+    "LARS",
     "NeroPlus",
+    "QHAdam",
+    "RAdam",
     "RMSProp",
     "RMSprop",
+    "RaLars",
     "SGD",
     "TAdam",
 ]
