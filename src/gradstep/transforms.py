@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .clipping import clip_scale
 from .core.hypers import Hyper, boolean, non_negative, unit_interval_closed
 from .core.ops import TensorList
 from .core.reductions import global_norm, tensor_norms
@@ -45,7 +46,7 @@ class Momentum(Transform):
 
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
         mu, damp = ctx.hyper("momentum"), ctx.hyper("dampening")
-        if mu == 0:
+        if ctx.is_zero("momentum"):
             return updates
         ops = ctx.ops
         buf = ctx.buffer("momentum_buffer")
@@ -83,10 +84,14 @@ class ScaleBySign(Transform):
 
 
 class ClipByValue(Transform):
-    """Clamp every element of the direction to ``[-clip_value, clip_value]`` (0: off)."""
+    r"""Clamp every element of the direction: :math:`d \leftarrow \mathrm{clamp}(d, -c, c)` (``clip_value`` c; 0: off).
+
+    The rule of ``torch.nn.utils.clip_grad_value_`` and of rai_toolbox's clamped gradients (symmetric bounds),
+    applied to the direction at this point of the chain, out of place. NaN elements stay NaN.
+    """
 
     elementwise = True
-    hypers = (Hyper("clip_value", 0.0, non_negative, "clamp each element of the direction (0: off)"),)
+    hypers = (Hyper("clip_value", 0.0, non_negative, "clamp each element of the direction to [-c, c] (0: off)"),)
 
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
         c = ctx.hyper("clip_value")
@@ -94,33 +99,50 @@ class ClipByValue(Transform):
 
 
 class ClipByNorm(Transform):
-    r"""Scale each tensor of the direction by :math:`\min(1, c / \lVert d_i \rVert)` (``max_norm`` c; 0: off)."""
+    r"""Scale each tensor of the direction down to L2 norm ``max_tensor_norm`` (c; 0: off), ALF's per-tensor rule.
 
-    hypers = (Hyper("max_norm", 0.0, non_negative, "per-tensor norm limit of the direction (0: off)"),)
+    .. math::
+        s_i = c / \lVert d_i \rVert, \qquad d_i \leftarrow s_i\, d_i \ \text{ if } s_i < 1
+
+    A zero tensor is left alone, and so is a tensor whose norm is NaN (spec A.4.3; see :mod:`gradstep.clipping`).
+    ALF's wrapper clips ``p.grad`` before the step; placed first in a chain this clips the gradient the same way,
+    except that coupled weight decay (added before the chain) is clipped with it. For ALF's order exactly, with any
+    optimizer, use :class:`~gradstep.clipping.GradientClipping`.
+    """
+
+    hypers = (Hyper("max_tensor_norm", 0.0, non_negative, "L2 norm limit of each tensor of the direction (0: off)"),)
 
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
-        c = ctx.hyper("max_norm")
-        if c <= 0:
+        if ctx.is_zero("max_tensor_norm") or not updates:
             return updates
-        norms = tensor_norms(updates).to(torch.float64)
-        return ctx.ops.mul(updates, ctx.per_param(torch.clamp(c / norms, max=1.0)))
+        c = ctx.hyper("max_tensor_norm")
+        return ctx.ops.mul(updates, ctx.per_param(clip_scale(tensor_norms(updates), c)))
 
 
 class ClipByGlobalNorm(Transform):
-    r"""Scale the whole group's direction by :math:`\min(1, c / \lVert d \rVert)` (``max_global_norm`` c; 0: off).
+    r"""Scale the group's direction down to global L2 norm ``max_global_norm`` (c; 0: off), ALF's global rule.
 
-    The pre-clip norm of the last step is kept on the transform as ``last_norm`` (a 0-d tensor) for logging.
+    .. math::
+        G = \sqrt{\textstyle\sum_i \lVert d_i \rVert^2}, \qquad s = c / G, \qquad d \leftarrow s\, d
+        \ \text{ if } s < 1
+
+    :math:`G = 0` and :math:`G` NaN leave the direction unchanged (spec A.4.3). The chain runs once per param group,
+    so each group is clipped by its own norm; to clip across groups (ALF's wrapper, torch's ``clip_grad_norm_``),
+    use :class:`~gradstep.clipping.GradientClipping` or :func:`~gradstep.clipping.clip_gradients`.
+
+    The pre-clip norm is reported as ``last_norm`` (a 0-d tensor, read without a host sync): the norm of the last
+    group processed, that is, of the step when the optimizer has one group. ``None`` until the first clipped step.
     """
 
-    hypers = (Hyper("max_global_norm", 0.0, non_negative, "global norm limit of the group's direction (0: off)"),)
+    hypers = (Hyper("max_global_norm", 0.0, non_negative, "global L2 norm limit of the group's direction (0: off)"),)
 
     def __init__(self) -> None:
         self.last_norm: torch.Tensor | None = None
 
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
-        c = ctx.hyper("max_global_norm")
-        if c <= 0:
+        if ctx.is_zero("max_global_norm") or not updates:
             return updates
+        c = ctx.hyper("max_global_norm")
         norm = global_norm(updates)
         self.last_norm = norm.detach()
-        return ctx.ops.mul(updates, torch.clamp(c / norm, max=1.0).to(updates[0].dtype))
+        return ctx.ops.mul(updates, clip_scale(norm, c))

@@ -66,6 +66,7 @@ CORE_HYPERS: tuple[Hyper, ...] = (
     Hyper("clip_step", 0.0, non_negative, "clamp each element of the final step to [-clip_step, clip_step] (0: off)"),
     Hyper("backoff_steps", 0, non_negative_int, "the first N steps update the state but not the parameters"),
     Hyper("stochastic_rounding", False, boolean, "round bfloat16 parameter writes stochastically"),
+    Hyper("compiled", False, boolean, "the fast path: run the group's step as one torch.compile'd function"),
 )
 
 OPT_ARGS_KEYS: dict[str, Callable[[Any], str | None]] = {
@@ -295,78 +296,20 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
 
     def _update_group(self, plan: _Plan) -> None:
         group = plan.group
-        ops = PER_TENSOR if group["foreach"] is False else FOREACH
         for p, state in zip(plan.params, plan.states):
             self._init_param_state(group, p, state)
-        step_counts = [s["step"] for s in plan.states]
-        torch._foreach_add_(step_counts, 1.0)
-        steps = torch.stack(step_counts).to(torch.float64)
-
         dtypes = [self._state_dtype(group, p) for p in plan.params]
-        grads = ops.to(plan.grads, dtypes)
-        if group["maximize"]:
-            grads = ops.neg(grads)
-        if group["nonfinite"] == "zero":
-            ok = finite_flags(grads)
-            grads = [torch.where(ok[i], g, torch.zeros_like(g)) for i, g in enumerate(grads)]
-        params = ops.to([v.detach() for v in plan.views], dtypes)
-        ctx = GroupStep(group, params, grads, plan.states, steps, plan.opt_args, plan.names, ops)
-
-        wd: Coef = ctx.param_hyper("weight_decay")
-        mode = group["weight_decay_mode"]
-        updates = grads
-        if mode == "coupled" and not coef_is_zero(wd):
-            updates = ops.add(updates, ops.mul(params, wd))
-        for t in self._transforms:
-            updates = t.update(ctx, updates)
-
-        lr: Coef = coef_mul(ctx.param_hyper("lr"), ctx.param_hyper("lr_scale"))
-        if group["backoff_steps"] > 0:
-            lr = coef_mul(lr, ctx.per_param((steps > group["backoff_steps"]).to(torch.float64)))
-        # Other modes (e.g. "trust_ratio") are declared and applied by a transform of the chain.
-        decay = mode in ("decoupled", "proximal") and not coef_is_zero(wd)
-        lr_wd = coef_mul(lr, wd) if decay else 0.0
-        targets = [v.detach() for v in plan.views]
-        direct = (
-            group["clip_step"] == 0
-            and group["nonfinite"] not in ("zero", "revert")
-            and not group["stochastic_rounding"]
-            and all(t.dtype == d for t, d in zip(targets, dtypes))
-        )
-        if direct:
-            if decay and mode == "decoupled":
-                ops.mul_(targets, _one_minus(lr_wd))
-            ops.add_scaled_(targets, updates, _negate(lr))
-            if decay and mode == "proximal":
-                ops.mul_(targets, _reciprocal_one_plus(lr_wd))
+        hypers = {name: group[name] for name in self.declared_hypers()}
+        zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
+        args = (self._transforms, plan.views, plan.grads, plan.states, dtypes, plan.opt_args, plan.names)
+        if group["compiled"]:
+            device = plan.views[0].device
+            for name in SCHEDULED_HYPERS:
+                if name in hypers:
+                    hypers[name] = _as_tensor(hypers[name], device)
+            _compiled_group_step()(hypers, zero, *args)
         else:
-            self._write_step(ctx, targets, updates, lr, lr_wd if decay else None)
-        for t in self._transforms:
-            t.after_step(ctx, targets)
-
-    def _write_step(
-        self, ctx: GroupStep, targets: TensorList, updates: TensorList, lr: Coef, lr_wd: Coef | None
-    ) -> None:
-        """The general write: explicit step (clipped), reverts of non-finite elements, low-precision parameters."""
-        group, ops, params = ctx.group, ctx.ops, ctx.params
-        mode = group["weight_decay_mode"]
-        delta = ops.mul(updates, lr)
-        if lr_wd is not None and mode == "decoupled":
-            ops.add_scaled_(delta, params, lr_wd)
-        if group["clip_step"] > 0:
-            delta = ops.clamp(delta, -group["clip_step"], group["clip_step"])
-        if group["stochastic_rounding"]:
-            # Round once, from fp32, so that bf16 state or math does not round the new value to nearest first.
-            wide = [torch.float32 if t.dtype == torch.bfloat16 else p.dtype for p, t in zip(params, targets)]
-            params, delta = ops.to(params, wide), ops.to(delta, wide)
-        new = ops.sub(params, delta)
-        if lr_wd is not None and mode == "proximal":
-            ops.mul_(new, _reciprocal_one_plus(lr_wd))
-        if group["nonfinite"] in ("zero", "revert"):
-            new = ops.where(ops.isfinite(new), new, params)
-        if group["stochastic_rounding"]:
-            new = [_stochastic_round_to_bf16(n) if t.dtype == torch.bfloat16 else n for n, t in zip(new, targets)]
-        ops.copy_(targets, new)
+            group_step(hypers, zero, *args)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -451,6 +394,122 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
     def __repr__(self) -> str:
         chain_text = ", ".join(map(repr, self._transforms))
         return f"{type(self).__name__}[{chain_text}]" + super().__repr__()[len(type(self).__name__) :]
+
+
+def group_step(
+    group: dict[str, Any],
+    zero: dict[str, Any],
+    transforms: Sequence[Transform],
+    views: TensorList,
+    raw_grads: TensorList,
+    states: list[dict[str, Any]],
+    dtypes: list[torch.dtype],
+    opt_args: list[dict[str, Any] | None],
+    names: list[str],
+) -> None:
+    """One step of one group: the math between the gathered gradients and the written parameters.
+
+    A plain function of its inputs (no optimizer object), so that the fast path can hand it to ``torch.compile``.
+    ``group`` holds the hyperparameter values (0-d tensors for the scheduled ones on the fast path), ``zero`` whether
+    each scheduled one is zero (decided outside, so compiled code does not branch on tensor values).
+    """
+    ops = PER_TENSOR if group["foreach"] is False else FOREACH
+    step_counts = [s["step"] for s in states]
+    torch._foreach_add_(step_counts, 1.0)
+    steps = torch.stack(step_counts).to(torch.float64)
+
+    grads = ops.to(raw_grads, dtypes)
+    if group["maximize"]:
+        grads = ops.neg(grads)
+    if group["nonfinite"] == "zero":
+        ok = finite_flags(grads)
+        grads = [torch.where(ok[i], g, torch.zeros_like(g)) for i, g in enumerate(grads)]
+    params = ops.to([v.detach() for v in views], dtypes)
+    ctx = GroupStep(group, params, grads, states, steps, opt_args, names, ops, zero)
+
+    wd: Coef = ctx.param_hyper("weight_decay")
+    wd_off = ctx.is_zero("weight_decay") and all(a is None or a.get("weight_decay") is None for a in opt_args)
+    mode = group["weight_decay_mode"]
+    updates = grads
+    if mode == "coupled" and not wd_off and not coef_is_zero(wd):
+        updates = ops.add(updates, ops.mul(params, wd))
+    for t in transforms:
+        updates = t.update(ctx, updates)
+
+    lr: Coef = coef_mul(ctx.param_hyper("lr"), ctx.param_hyper("lr_scale"))
+    if group["backoff_steps"] > 0:
+        lr = coef_mul(lr, ctx.per_param((steps > group["backoff_steps"]).to(torch.float64)))
+    # Other modes (e.g. "trust_ratio") are declared and applied by a transform of the chain.
+    decay = mode in ("decoupled", "proximal") and not wd_off and not coef_is_zero(wd)
+    lr_wd = coef_mul(lr, wd) if decay else 0.0
+    targets = [v.detach() for v in views]
+    direct = (
+        group["clip_step"] == 0
+        and group["nonfinite"] not in ("zero", "revert")
+        and not group["stochastic_rounding"]
+        and all(t.dtype == d for t, d in zip(targets, dtypes))
+    )
+    if direct:
+        if decay and mode == "decoupled":
+            ops.mul_(targets, _one_minus(lr_wd))
+        ops.add_scaled_(targets, updates, _negate(lr))
+        if decay and mode == "proximal":
+            ops.mul_(targets, _reciprocal_one_plus(lr_wd))
+    else:
+        _write_step(ctx, targets, updates, lr, lr_wd if decay else None)
+    for t in transforms:
+        t.after_step(ctx, targets)
+
+
+def _write_step(ctx: GroupStep, targets: TensorList, updates: TensorList, lr: Coef, lr_wd: Coef | None) -> None:
+    """The general write: explicit step (clipped), reverts of non-finite elements, low-precision parameters."""
+    group, ops, params = ctx.group, ctx.ops, ctx.params
+    mode = group["weight_decay_mode"]
+    delta = ops.mul(updates, lr)
+    if lr_wd is not None and mode == "decoupled":
+        ops.add_scaled_(delta, params, lr_wd)
+    if group["clip_step"] > 0:
+        delta = ops.clamp(delta, -group["clip_step"], group["clip_step"])
+    if group["stochastic_rounding"]:
+        # Round once, from fp32, so that bf16 state or math does not round the new value to nearest first.
+        wide = [torch.float32 if t.dtype == torch.bfloat16 else p.dtype for p, t in zip(params, targets)]
+        params, delta = ops.to(params, wide), ops.to(delta, wide)
+    new = ops.sub(params, delta)
+    if lr_wd is not None and mode == "proximal":
+        ops.mul_(new, _reciprocal_one_plus(lr_wd))
+    if group["nonfinite"] in ("zero", "revert"):
+        new = ops.where(ops.isfinite(new), new, params)
+    if group["stochastic_rounding"]:
+        new = [_stochastic_round_to_bf16(n) if t.dtype == torch.bfloat16 else n for n, t in zip(new, targets)]
+    ops.copy_(targets, new)
+
+
+SCHEDULED_HYPERS = ("lr", "betas", "momentum", "weight_decay")
+"""Hyperparameters that LR schedulers change: 0-d tensors on the fast path, so that changing them never recompiles."""
+
+_COMPILED: list[Callable[..., None]] = []
+
+
+def _compiled_group_step() -> Callable[..., None]:
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(group_step, dynamic=False))
+    return _COMPILED[0]
+
+
+def _as_tensor(value: Any, device: torch.device) -> Any:
+    if isinstance(value, (tuple, list)):
+        return tuple(_as_tensor(v, device) for v in value)
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=torch.float64)
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def _zero_flags(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return tuple(_zero_flags(v) for v in value)
+    if isinstance(value, Tensor):
+        return False  # a tensor value is never assumed to be zero (that would read it)
+    return value == 0
 
 
 def _negate(c: Coef) -> Coef:

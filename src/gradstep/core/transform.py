@@ -65,6 +65,7 @@ class GroupStep:
         opt_args: list[dict[str, Any] | None],
         names: list[str],
         ops: PerTensorOps = FOREACH,
+        zero: dict[str, Any] | None = None,
     ) -> None:
         self.group = group
         self.params = params
@@ -74,6 +75,7 @@ class GroupStep:
         self.opt_args = opt_args
         self.names = names
         self.ops = ops
+        self.zero = zero if zero is not None else {}
 
     def __len__(self) -> int:
         return len(self.params)
@@ -81,6 +83,19 @@ class GroupStep:
     def hyper(self, name: str) -> Any:
         """The group's value of a hyperparameter."""
         return self.group[name]
+
+    def is_zero(self, name: str, index: int | None = None) -> bool:
+        """Whether a hyperparameter (or element ``index`` of a tuple one) is zero, without reading a tensor.
+
+        On the fast path the scheduled hyperparameters (lr, betas, momentum, weight_decay) are 0-d tensors; branch
+        on this, never on their values, so that compiled code has no data-dependent control flow.
+        """
+        flag = self.zero.get(name)
+        if flag is None:
+            value = self.group[name]
+            value = value[index] if index is not None else value
+            return not isinstance(value, Tensor) and value == 0
+        return bool(flag[index] if index is not None else flag)
 
     def param_hyper(self, name: str, default: Any = None) -> Coef:
         """A hyperparameter that a parameter's ``opt_args`` may override (``None`` there means "the group's").

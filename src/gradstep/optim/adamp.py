@@ -177,7 +177,7 @@ def _project_rows(
 ) -> tuple[torch.Tensor, TensorList]:
     """Channel-wise test (every row below the threshold) and per-row projection of ``d``, for tensors of ndim > 1."""
     cos = _abs_cosines(row_dots(g, p), row_norms(g), row_norms(p), eps)
-    largest = torch.stack(torch._foreach_max(cos))
+    largest = tensor_norms(cos, math.inf)  # the cosines are absolute values: their max is the inf-norm
     limit = torch.tensor([delta / math.sqrt(x[0].numel()) for x in p], dtype=largest.dtype, device=largest.device)
     unit = ops.div(p, ops.add(row_norms(p), eps))
     return largest < limit, ops.sub(d, ops.mul(unit, row_dots(unit, d)))

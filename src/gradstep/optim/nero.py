@@ -195,7 +195,7 @@ class ScaleByNeroPlus(Transform):
         beta1, beta2 = ctx.hyper("betas")
         l2 = ctx.param_hyper("l2_regularization")
         g = updates if coef_is_zero(l2) else ops.add(updates, ops.mul(ctx.params, l2))
-        if beta1 > 0:
+        if not ctx.is_zero("betas", 0):
             numerator = ctx.buffer("exp_avg")
             ops.lerp_(numerator, g, 1 - beta1)
             bc1 = ctx.bias_correction(beta1)

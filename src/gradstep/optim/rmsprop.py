@@ -68,7 +68,7 @@ class ScaleByRms(Transform):
             second = ops.clone(second)
             ops.addcmul_(second, mean, mean, -1.0)
         denom = ops.add(ops.sqrt(second), eps)
-        if mu == 0:
+        if ctx.is_zero("momentum"):
             return ops.div(updates, denom)
         buf = ctx.buffer("momentum_buffer")
         ops.mul_(buf, mu)

@@ -1,0 +1,235 @@
+"""The speed benchmark: every optimizer's step time against the memory-bandwidth floor, torch and the peers.
+
+An optimizer step is memory-bound: it must read the parameter, its gradient and each state tensor, and write the
+parameter and each state tensor back, ``4 * (3 + 2 * state_tensors)`` bytes per float32 parameter (Adam: 28). The
+floor is that many bytes at the bandwidth of an in-place elementwise op (``x *= c``) over the same tensors, measured
+in the same run. The workload is shaped like a small transformer: 17.6M float32 parameters in 24 tensors (twelve
+1024x1024, one 4096x1024, three 1024x256, eight 1024-vectors); ``--scale`` shrinks it.
+
+Each row: median ms/step over ``--steps`` steps after warm-up, x floor, ratio to torch's fused AdamW, ratio to each
+installed peer of the same algorithm, first-step time (compilation included for the compiled path), state bytes per
+parameter and the step's peak extra memory (allocations during one step, from the profiler; CPU only). The machine is
+noisy: compare ratios within one run, not across runs.
+
+    gradstep bench                          # every registered optimizer, eager and compiled (about 15 minutes)
+    gradstep bench --only adam lamb --scale 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .core.registry import entries, get
+from .peers import implementations
+
+Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+SAME_AS_PEERS: dict[str, dict[str, float]] = {"sgd": {"momentum": 0.9}, "fastai_sgd": {"momentum": 0.9}}
+"""Hyperparameters that give gradstep the configuration its peers run in :func:`gradstep.peers.implementations`."""
+
+
+def _gradstep_factory(name: str, mode: str) -> Factory:
+    entry = get(name)
+    hypers = {**{k: entry.example[k] for k in entry.required_args}, **SAME_AS_PEERS.get(name, {})}
+
+    def build(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return entry(params, **hypers, compiled=(mode == "compiled"))
+
+    return build
+
+
+def workload(scale: float = 1.0) -> list[tuple[int, ...]]:
+    d = max(8, int(1024 * scale**0.5))
+    return [(d, d)] * 12 + [(4 * d, d)] + [(d, d // 4)] * 3 + [(d,)] * 8
+
+
+def _params(shapes: list[tuple[int, ...]], device: str) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(device)
+    return params
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bandwidth(shapes: list[tuple[int, ...]], device: str, repeats: int = 20) -> float:
+    """Bytes per second of ``x *= c`` over the workload's tensors (read and write: 8 bytes per element)."""
+    xs = [p.detach() for p in _params(shapes, device)]
+    n = sum(x.numel() for x in xs)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch._foreach_mul_(xs, 0.999)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 8 * n / best
+
+
+def _peak_extra_bytes(opt: torch.optim.Optimizer) -> int:
+    """Peak bytes allocated during one step on the CPU (state created by the step excluded: it has run before)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    level = peak = 0
+    for event in events:
+        level += event.cpu_memory_usage
+        peak = max(peak, level)
+    return peak
+
+
+@dataclass
+class Row:
+    optimizer: str
+    implementation: str
+    ms: float
+    floor_ms: float
+    first_step_s: float
+    state_bytes: int
+    peak_extra_mb: float | None
+
+    @property
+    def x_floor(self) -> float:
+        return self.ms / self.floor_ms
+
+
+def measure(factory: Factory, shapes: list[tuple[int, ...]], device: str, steps: int, warmup: int) -> tuple:
+    params = _params(shapes, device)
+    opt = factory(params)
+    _sync(device)
+    start = time.perf_counter()
+    opt.step()
+    _sync(device)
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    n = sum(p.numel() for p in params)
+    state = sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        if isinstance(s, dict)
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
+    peak = _peak_extra_bytes(opt) / 2**20 if device == "cpu" else None
+    return statistics.median(times) * 1e3, first, round(state / n), peak
+
+
+def run(
+    names: list[str] | None = None,
+    scale: float = 1.0,
+    steps: int = 15,
+    warmup: int = 3,
+    device: str = "cpu",
+    modes: tuple[str, ...] = ("eager", "compiled"),
+    peers: bool = True,
+    report: Callable[[Row], None] | None = None,
+) -> tuple[float, list[Row]]:
+    """Measure; returns the bandwidth (bytes/s) and one row per (optimizer, implementation)."""
+    shapes = workload(scale)
+    n = sum(torch.Size(s).numel() for s in shapes)
+    bw = bandwidth(shapes, device)
+    table = implementations() if peers else {}
+    rows: list[Row] = []
+    for name in names or [e.name for e in entries()]:
+        entry = get(name)
+        state_tensors = entry.capabilities.state_tensors + (1 if name in SAME_AS_PEERS else 0)
+        floor_ms = 4 * (3 + 2 * state_tensors) * n / bw * 1e3
+        candidates = [(f"gradstep {mode}", _gradstep_factory(name, mode)) for mode in modes]
+        candidates += list(table.get(name, {}).items())
+        for label, factory in candidates:
+            try:
+                ms, first, state, peak = measure(factory, shapes, device, steps, warmup)
+            except Exception as exc:  # a peer that fails on this workload is reported, not fatal
+                print(f"# {name} {label}: {type(exc).__name__}: {exc}")
+                continue
+            row = Row(name, label, ms, floor_ms, first, state, peak)
+            rows.append(row)
+            if report is not None:
+                report(row)
+    return bw, rows
+
+
+def _fused_adamw_ms(rows: list[Row], shapes: list[tuple[int, ...]], device: str, steps: int, warmup: int) -> float:
+    for row in rows:
+        if row.optimizer == "adamw" and row.implementation == "torch fused":
+            return row.ms
+    return measure(lambda p: torch.optim.AdamW(p, fused=True), shapes, device, steps, warmup)[0]
+
+
+def markdown(bw: float, rows: list[Row], fused_adamw_ms: float) -> str:
+    lines = [
+        f"bandwidth {bw / 1e9:.1f} GB/s; torch fused AdamW {fused_adamw_ms:.1f} ms/step",
+        "",
+        "| optimizer | implementation | ms/step | x floor | x torch fused AdamW | x gradstep compiled "
+        "| first step (s) | state B/param | peak extra MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fast = {r.optimizer: r.ms for r in rows if r.implementation == "gradstep compiled"}
+    for r in rows:
+        vs_fast = f"{r.ms / fast[r.optimizer]:.2f}" if r.optimizer in fast else "-"
+        peak = "-" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.0f}"
+        lines.append(
+            f"| {r.optimizer} | {r.implementation} | {r.ms:.1f} | {r.x_floor:.2f} | {r.ms / fused_adamw_ms:.2f} "
+            f"| {vs_fast} | {r.first_step_s:.2f} | {r.state_bytes} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gradstep bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="*", help="registry names to time (default: all)")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the reference workload")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--eager-only", action="store_true", help="skip the compiled path")
+    parser.add_argument("--no-peers", action="store_true", help="time gradstep only")
+    parser.add_argument("--json", help="also write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = workload(args.scale)
+    n = sum(torch.Size(s).numel() for s in shapes)
+    print(f"# {n / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, device {args.device}, "
+          f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
+    modes = ("eager",) if args.eager_only else ("eager", "compiled")
+
+    def report(row: Row) -> None:
+        print(f"  {row.optimizer:18s} {row.implementation:20s} {row.ms:8.1f} ms  x floor {row.x_floor:5.2f}")
+
+    bw, rows = run(args.only, args.scale, args.steps, args.warmup, args.device, modes, not args.no_peers, report)
+    fused = _fused_adamw_ms(rows, shapes, args.device, args.steps, args.warmup)
+    print()
+    print(markdown(bw, rows, fused))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as fh:
+            json.dump({"bandwidth": bw, "fused_adamw_ms": fused, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
