@@ -139,6 +139,9 @@ class ClipByGlobalNorm(Transform):
     def __init__(self) -> None:
         self.last_norm: torch.Tensor | None = None
 
+    def needs_whole_group(self, group: dict[str, Any]) -> bool:
+        return group["max_global_norm"] > 0
+
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
         if ctx.is_zero("max_global_norm") or not updates:
             return updates

@@ -67,6 +67,12 @@ CORE_HYPERS: tuple[Hyper, ...] = (
     Hyper("backoff_steps", 0, non_negative_int, "the first N steps update the state but not the parameters"),
     Hyper("stochastic_rounding", False, boolean, "round bfloat16 parameter writes stochastically"),
     Hyper("compiled", False, boolean, "the fast path: run the group's step as one torch.compile'd function"),
+    Hyper(
+        "chunk_numel",
+        1 << 22,
+        non_negative_int,
+        "eager path: step the group in chunks of about this many elements, bounding temporary memory (0: whole group)",
+    ),
 )
 
 OPT_ARGS_KEYS: dict[str, Callable[[Any], str | None]] = {
@@ -303,13 +309,19 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
         args = (self._transforms, plan.views, plan.grads, plan.states, dtypes, plan.opt_args, plan.names)
         if group["compiled"]:
+            # One fused pass per group: inductor keeps the temporaries in registers, so no chunking.
             device = plan.views[0].device
             for name in SCHEDULED_HYPERS:
                 if name in hypers:
                     hypers[name] = _as_tensor(hypers[name], device)
             _compiled_group_step()(hypers, zero, *args)
-        else:
+            return
+        if any(t.needs_whole_group(group) for t in self._transforms):
             group_step(hypers, zero, *args)
+            return
+        # Eager temporaries are as large as what one call sees: bound them by stepping the group in chunks.
+        for chunk in _chunks([p.numel() for p in plan.views], group["chunk_numel"]):
+            group_step(hypers, zero, self._transforms, *([a[i] for i in chunk] for a in args[1:]))
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -494,6 +506,21 @@ def _compiled_group_step() -> Callable[..., None]:
     if not _COMPILED:
         _COMPILED.append(torch.compile(group_step, dynamic=False))
     return _COMPILED[0]
+
+
+def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive index runs whose sizes add up to about ``limit`` (a larger tensor is a run of its own)."""
+    if limit <= 0:
+        return [list(range(len(sizes)))]
+    runs: list[list[int]] = [[]]
+    total = 0
+    for i, size in enumerate(sizes):
+        if runs[-1] and total + size > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += size
+    return runs
 
 
 def _as_tensor(value: Any, device: torch.device) -> Any:

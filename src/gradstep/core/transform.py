@@ -142,6 +142,10 @@ class Transform:
     def check_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for a combination of hyperparameters that cannot work together."""
 
+    def needs_whole_group(self, group: dict[str, Any]) -> bool:
+        """True when :meth:`update` reduces over the whole group (a global norm): the core must not chunk it."""
+        return False
+
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:
         """State tensors this transform keeps for a parameter of ``group``, by name, with their initialiser."""
         return {}

@@ -59,6 +59,9 @@ class ScaleByAdan(Transform):
             names["max_exp_avg_sq"] = zeros
         return names
 
+    def needs_whole_group(self, group: dict[str, Any]) -> bool:
+        return group["max_grad_norm"] > 0
+
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
         ops = ctx.ops
         beta1, beta2, beta3 = ctx.hyper("betas")
