@@ -156,3 +156,16 @@ def test_fast_path_first_step_creates_the_same_state_as_eager() -> None:
             assert fast.state[pa][key].dtype == eager.state[pb][key].dtype
             assert torch.allclose(fast.state[pa][key], eager.state[pb][key], rtol=1e-6, atol=1e-7)
     assert math.isclose(float(fast.state[a[0]]["step"]), 1.0)
+
+
+def test_many_optimizers_and_groups_all_stay_compiled() -> None:
+    # Dynamo allows 8 recompilations per code object; each group must have its own, or later ones run eagerly.
+    opts, params = [], []
+    for i in range(10):
+        p = torch.nn.Parameter(torch.randn(i + 2, 3))
+        params.append(p)
+        opts.append(gradstep.SGD([p], lr=0.1, momentum=0.9, compiled=True))
+    for p, opt in zip(params, opts):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert counters["stats"]["unique_graphs"] >= len(opts), "some optimizers fell back to eager"

@@ -26,7 +26,7 @@ from torch import Tensor
 import gradstep
 from gradstep.core import registry
 from gradstep.core.hypers import REQUIRED
-from gradstep.core.registry import Entry
+from gradstep.core.registry import Entry, states_of
 
 ENTRIES: list[Entry] = registry.entries()
 # Every entry's defaults (preset applied), read once from a probe instance: which hyperparameters it accepts.
@@ -149,6 +149,12 @@ def param_states(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[d
     return [dict(opt.state.get(p, {})) for p in params]
 
 
+def project(entry: Entry, x: Tensor, group: dict[str, Any]) -> Tensor:
+    """The entry's declared projection of ``x`` (``Capabilities.projects_params`` entries only)."""
+    assert entry.projection is not None, f"{entry.name} projects parameters but declares no Entry.projection"
+    return entry.projection(x, group)
+
+
 def assert_finite(params: Sequence[Tensor]) -> None:
     for i, p in enumerate(params):
         assert torch.isfinite(p.detach()).all(), f"parameter {i} is not finite: {p}"
@@ -258,7 +264,13 @@ def test_param_without_grad_is_untouched_stateless_and_ignored(entry: Entry) -> 
 
     opt = build(entry, [a, b, c])
     run(entry, opt, [a, b, c], grads=grads)
-    assert torch.equal(b.detach(), b_before)
+    if entry.capabilities.projects_params:
+        # Every step ends by projecting every parameter: b is moved to its projection, and no further.
+        projected = project(entry, b_before, opt.param_groups[0])
+        assert not torch.equal(projected, b_before), "premise: the projection moves b"
+        torch.testing.assert_close(b.detach(), projected)
+    else:
+        assert torch.equal(b.detach(), b_before)
     assert not opt.state.get(b), f"a parameter without gradient got state {sorted(opt.state.get(b, {}))}"
     # The other parameters evolve exactly as if b were not in the optimizer at all.
     a2, c2 = clone_params(make_params([(3, 4), (5,), (2, 2)])[::2])
@@ -443,7 +455,15 @@ def test_zero_lr_leaves_params_bitwise_unchanged(entry: Entry) -> None:
     for config in configs:
         params = make_params()
         before = values(params)
-        run(entry, build(entry, params, **config), params)
+        opt = build(entry, params, **config)
+        run(entry, opt, params)
+        if entry.capabilities.projects_params:
+            # A projection still projects with a zero lr: each parameter is its projection, which stays put.
+            projected = [project(entry, old, opt.param_groups[0]) for old in before]
+            assert any(not torch.equal(old, q) for old, q in zip(before, projected)), "premise: the projection acts"
+            for q, p in zip(projected, params):
+                torch.testing.assert_close(p.detach(), q, msg=lambda m, config=config: f"{config}: {m}")
+            continue
         for old, p in zip(before, params):
             assert torch.equal(old, p.detach()), f"{config} changed the parameters"
 
@@ -569,12 +589,18 @@ def test_step_never_modifies_grads(entry: Entry) -> None:
 
 
 # --- 16. registry coverage ------------------------------------------------------------------------------------------
+# Base classes for subclassing or composition (they need transforms or an inner optimizer), not optimizers of their own.
+BASES = {"ChainedOptimizer", "ParamTransformingOptimizer", "ChainedParamTransformingOptimizer", "WrapperBase"}
+PUBLIC_MODULES = (gradstep, gradstep.optim, gradstep.paramtransform, gradstep.wrappers)
 PUBLIC_OPTIMIZERS = sorted(
-    name
-    for name in gradstep.__all__
-    if isinstance(getattr(gradstep, name), type)
-    and issubclass(getattr(gradstep, name), torch.optim.Optimizer)
-    and getattr(gradstep, name) is not gradstep.ChainedOptimizer
+    {
+        f"{module.__name__}.{name}"
+        for module in PUBLIC_MODULES
+        for name in module.__all__
+        if isinstance(getattr(module, name), type)
+        and issubclass(getattr(module, name), torch.optim.Optimizer)
+        and name not in BASES
+    }
 )
 
 
@@ -582,11 +608,12 @@ def test_public_optimizers_were_found() -> None:
     assert PUBLIC_OPTIMIZERS, "gradstep.__all__ exports no optimizer class"
 
 
-@pytest.mark.parametrize("name", PUBLIC_OPTIMIZERS)
-def test_public_optimizer_has_a_registry_entry(name: str) -> None:
-    cls = getattr(gradstep, name)
+@pytest.mark.parametrize("qualname", PUBLIC_OPTIMIZERS)
+def test_public_optimizer_has_a_registry_entry(qualname: str) -> None:
+    module_name, _, name = qualname.rpartition(".")
+    module = next(m for m in PUBLIC_MODULES if m.__name__ == module_name)
     registered = {e.cls for e in ENTRIES}
-    assert cls in registered, f"gradstep.{name} is public but has no registry entry"
+    assert getattr(module, name) in registered, f"{qualname} is public but has no registry entry"
 
 
 # --- 17. capabilities and init_state --------------------------------------------------------------------------------
@@ -597,11 +624,12 @@ def test_capabilities_are_well_formed_and_match_a_real_step(entry: Entry) -> Non
     assert caps.sharding in SHARDING_KINDS
     assert isinstance(caps.closure_required, bool) and isinstance(caps.supports_complex, bool)
     # The capabilities describe the default configuration: measure one real step of it on a float32 parameter.
-    lr = {"lr": 1e-3} if lr_is_required(entry) else {}
+    # Arguments without a default (some presets' lr, rai's q or epsilon) are given as Entry._probe gives them.
+    required = {k: entry.example.get(k, 1e-3) for k in entry.required_args}
     (p,) = make_params([(4, 4)])
-    opt = entry([p], **lr)
+    opt = entry([p], **required)
     run(entry, opt, [p], steps=1)
-    full = [v for v in opt.state[p].values() if isinstance(v, Tensor) and v.numel() == p.numel()]
+    full = [v for s in states_of(opt, p) for v in s.values() if isinstance(v, Tensor) and v.numel() == p.numel()]
     assert caps.state_tensors == len(full)
     assert caps.state_bytes_per_param == sum(v.element_size() for v in full)
 

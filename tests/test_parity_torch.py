@@ -163,3 +163,21 @@ def test_parity_harness_detects_a_different_update_rule(
         steps=50,
     )
     assert result.max_diff > 100 * TOL, result.table()
+
+
+def test_adam_accepts_torch_decoupled_weight_decay_flag() -> None:
+    """``torch.optim.Adam(..., decoupled_weight_decay=True)`` is a drop-in: same flag, same trajectory."""
+
+    def run(make: Any) -> torch.Tensor:
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 7, dtype=torch.float64))
+        opt = make([p])
+        for t in range(50):
+            p.grad = torch.sin(3 * p.detach() + t) + 0.3 * p.detach()
+            opt.step()
+        return p.detach()
+
+    ours = run(lambda ps: gradstep.Adam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True))
+    torch_ = run(lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True))
+    coupled = run(lambda ps: gradstep.Adam(ps, lr=1e-2, weight_decay=0.1))
+    assert torch.allclose(ours, torch_, rtol=1e-12, atol=0)
+    assert not torch.allclose(ours, coupled, rtol=1e-6, atol=0)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch._dynamo
 
 from .core.registry import entries, get
 from .peers import implementations
@@ -110,6 +111,7 @@ class Row:
 
 
 def measure(factory: Factory, shapes: list[tuple[int, ...]], device: str, steps: int, warmup: int) -> tuple:
+    torch._dynamo.reset()  # each measurement compiles from scratch: first-step times are comparable
     params = _params(shapes, device)
     opt = factory(params)
     _sync(device)

@@ -45,7 +45,9 @@ class GroupToolsMixin:
             raise KeyError(f"unknown hyperparameter {name!r}; known: {', '.join(declared or self.param_groups[0])}")
         hyper = declared.get(name)
         per_group = isinstance(value, list) and all(isinstance(v, (tuple, list)) for v in value)
-        if hyper is not None and not hyper.scalar and not per_group:
+        # Undeclared (a wrapped torch optimizer's): tuple-valued when the groups already hold a tuple there.
+        tuple_valued = not hyper.scalar if hyper is not None else isinstance(self.param_groups[0].get(name), tuple)
+        if tuple_valued and not per_group:
             values = [value] * len(self.param_groups)  # a pair such as betas is one value, not one per group
         else:
             values = spread(value, len(self.param_groups))

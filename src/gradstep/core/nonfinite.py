@@ -17,7 +17,6 @@ Policies (the ``nonfinite`` hyperparameter of every gradstep optimizer):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +24,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .reductions import tensor_norms
+from .reductions import tensor_sums
 
-__all__ = ["POLICIES", "NonFiniteError", "NonFiniteEvent", "NonFiniteTracer", "first_nonfinite", "finite_flags"]
+__all__ = [
+    "POLICIES",
+    "NonFiniteError",
+    "NonFiniteEvent",
+    "NonFiniteTracer",
+    "finite_flags",
+    "first_nonfinite",
+    "rank_note",
+]
 
 POLICIES = ("error", "skip", "zero", "revert", "ignore")
 
@@ -37,19 +44,48 @@ class NonFiniteError(FloatingPointError):
 
 
 def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
-    """A bool vector: whether each tensor is entirely finite (one reduction per tensor, no sync)."""
+    """A bool vector: whether each tensor's sum is finite (one vectorised pass per tensor, no sync).
+
+    NaN and infinities propagate through a sum, so a tensor with one is flagged. The sum (float32, float64 for
+    float64 tensors) can also overflow on enormous finite values (elements around 1e32 and beyond): such a tensor is
+    flagged too. :func:`first_nonfinite` confirms flagged tensors element by element; the ``"zero"`` policy, which
+    must not sync, does not.
+    """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
-    # The max-abs norm is finite exactly when every element is (NaN and inf propagate); an L2 norm could overflow.
-    return torch.isfinite(tensor_norms(tensors, math.inf))
+    return torch.isfinite(tensor_sums(tensors))
 
 
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
-    """Index of the first tensor holding a non-finite value, or ``None`` (one host sync)."""
+    """Index of the first tensor holding a non-finite element, or ``None`` (one host sync; exact).
+
+    Sharded tensors (DTensors): the flags and the confirmation are all-reduced over the mesh, so every rank gets the
+    same answer (and a ``"skip"`` skips on every rank).
+    """
     flags = finite_flags(tensors)
     if bool(flags.all()):
         return None
-    return int((~flags).nonzero()[0, 0])
+    flagged = (~flags).nonzero()[:, 0].tolist()
+    # The count of non-finite elements of each flagged tensor, summed over the shards (one collective if sharded).
+    counts = tensor_sums([_nonfinite_mask(tensors[i]) for i in flagged])
+    for i, count in zip(flagged, counts.tolist()):
+        if count > 0:
+            return int(i)
+    return None  # only overflowing sums of finite values
+
+
+def _nonfinite_mask(x: Tensor) -> Tensor:
+    # DTensor's isfinite keeps the sharding, so tensor_sums all-reduces the local counts.
+    return (~torch.isfinite(x)).to(torch.float32)
+
+
+def rank_note() -> str:
+    """`` (rank r of n)`` inside an initialised process group, else ``""``: for messages every rank raises."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return f" (rank {dist.get_rank()} of {dist.get_world_size()})"
+    return ""
 
 
 @dataclass(frozen=True)

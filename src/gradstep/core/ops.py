@@ -172,7 +172,9 @@ class ForeachOps(PerTensorOps):
         return list(torch._foreach_clamp_max(torch._foreach_clamp_min(list(xs), lo), hi))
 
     def copy_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
-        if xs:
+        if any(hasattr(x, "to_local") for x in xs):  # DTensor (FSDP2) has no foreach copy: the plain loop
+            super().copy_(xs, ys)
+        elif xs:
             torch._foreach_copy_(list(xs), list(ys))
 
     def mul_(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> None:

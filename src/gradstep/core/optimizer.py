@@ -18,19 +18,22 @@ optional stochastic rounding of the write), complex parameters (as real views), 
 from __future__ import annotations
 
 import itertools
+import math
+import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from copy import deepcopy
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from .groups import GroupToolsMixin
 from .hypers import REQUIRED, Hyper, boolean, expand_hypers, non_negative, non_negative_int, one_of, optional_bool
-from .nonfinite import POLICIES, NonFiniteError, finite_flags, first_nonfinite
+from .nonfinite import POLICIES, NonFiniteError, finite_flags, first_nonfinite, rank_note
 from .ops import FOREACH, PER_TENSOR, Coef, TensorList
+from .reductions import sharded_as
 from .transform import GroupStep, Transform, coef_is_zero, coef_mul
 
 __all__ = ["CORE_HYPERS", "ChainedOptimizer", "OPT_ARGS_KEYS", "chain"]
@@ -106,6 +109,7 @@ class _Plan:
         self.states: list[dict[str, Any]] = []
         self.names: list[str] = []
         self.opt_args: list[dict[str, Any] | None] = []
+        self.sizes: list[int] | None = None  # chunking sizes; DTensors: the whole tensors', so every rank chunks alike
 
 
 class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
@@ -226,7 +230,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         for t in self._transforms:
             for name, init in t.buffers(group).items():
                 if name not in state:
-                    state[name] = init(view.detach(), dtype)
+                    state[name] = _init_sharded(init, view, dtype) if _is_dtensor(view) else init(view.detach(), dtype)
 
     def expected_state_keys(self, group: dict[str, Any]) -> set[str]:
         keys = {"step"}
@@ -276,7 +280,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                     continue
                 if policy == "error":
                     raise NonFiniteError(
-                        f"{type(self).__name__}: non-finite gradient in {plan.names[bad]} "
+                        f"{type(self).__name__}: non-finite gradient in {plan.names[bad]}{rank_note()} "
                         f"(nonfinite='error'; parameters and state were not modified). Use nonfinite='skip' "
                         f"to skip such steps, or 'zero' to zero the bad gradients."
                     )
@@ -304,6 +308,51 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         group = plan.group
         for p, state in zip(plan.params, plan.states):
             self._init_param_state(group, p, state)
+        if any(_is_dtensor(v) for v in plan.views):
+            self._update_local_shards(plan)
+            return
+        self._update_plain(plan)
+
+    def _update_local_shards(self, plan: _Plan) -> None:
+        """Step DTensor parameters (FSDP2) on their local shards.
+
+        The math is elementwise on plain local tensors (DTensor lacks some foreach ops and would refuse mixing them
+        with plain tensors); per-tensor reductions learn the sharding from ``sharded_as`` and all-reduce. The state
+        stays DTensors (as torch.optim keeps it, for distributed checkpoints); a state entry a transform replaces is
+        wrapped back with its parameter's sharding.
+        """
+        saved = (plan.views, plan.grads, plan.states)
+        plan.sizes = [v.numel() for v in plan.views]  # a chunk's reductions are collectives: the same chunks everywhere
+        local_states = [{k: _to_local(v) for k, v in state.items()} for state in plan.states]
+        plan.views, plan.grads, plan.states = (
+            [_to_local(v) for v in saved[0]],
+            [_to_local(g) for g in saved[1]],
+            local_states,
+        )
+        try:
+            with sharded_as(saved[0]):
+                self._update_plain(plan)
+        finally:
+            plan.views, plan.grads, plan.states = saved
+        views: list[Any] = plan.views  # DTensors
+        for view, state, local in zip(views, plan.states, local_states):
+            for key, value in local.items():
+                before = state.get(key)
+                if value is (_to_local(before) if before is not None else None):
+                    continue
+                if _is_dtensor(view) and isinstance(value, Tensor) and value.shape == view.to_local().shape:
+                    value = type(view).from_local(
+                        value,
+                        view.device_mesh,
+                        view.placements,
+                        run_check=False,
+                        shape=view.shape,
+                        stride=view.stride(),
+                    )
+                state[key] = value
+
+    def _update_plain(self, plan: _Plan) -> None:
+        group = plan.group
         dtypes = [self._state_dtype(group, p) for p in plan.params]
         hypers = {name: group[name] for name in self.declared_hypers()}
         zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
@@ -314,14 +363,28 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             for name in SCHEDULED_HYPERS:
                 if name in hypers:
                     hypers[name] = _as_tensor(hypers[name], device)
-            _compiled_group_step()(hypers, zero, *args)
+            compiled = self.__dict__.setdefault("_compiled_steps", {})
+            key = id(group)
+            if key not in compiled:
+                compiled[key] = compiled_group_step()
+            compiled[key](hypers, zero, *args)
             return
         if any(t.needs_whole_group(group) for t in self._transforms):
             group_step(hypers, zero, *args)
             return
         # Eager temporaries are as large as what one call sees: bound them by stepping the group in chunks.
-        for chunk in _chunks([p.numel() for p in plan.views], group["chunk_numel"]):
-            group_step(hypers, zero, self._transforms, *([a[i] for i in chunk] for a in args[1:]))
+        for run in _chunks(plan.sizes or [p.numel() for p in plan.views], group["chunk_numel"]):
+            group_step(
+                hypers,
+                zero,
+                self._transforms,
+                _take(plan.views, run),
+                _take(plan.grads, run),
+                _take(plan.states, run),
+                _take(dtypes, run),
+                _take(plan.opt_args, run),
+                _take(plan.names, run),
+            )
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -499,13 +562,23 @@ def _write_step(ctx: GroupStep, targets: TensorList, updates: TensorList, lr: Co
 SCHEDULED_HYPERS = ("lr", "betas", "momentum", "weight_decay")
 """Hyperparameters that LR schedulers change: 0-d tensors on the fast path, so that changing them never recompiles."""
 
-_COMPILED: list[Callable[..., None]] = []
+
+def compiled_group_step() -> Callable[..., None]:
+    """A fresh ``torch.compile``'d :func:`group_step` with a code object of its own.
+
+    Dynamo keeps its cache, and its limit of recompilations (8), per code object: one shared compiled function would
+    fall back to eager once a few optimizers or groups had compiled. Each param group gets its own copy instead.
+    """
+    code = group_step.__code__.replace()
+    fn = types.FunctionType(code, group_step.__globals__, group_step.__name__, group_step.__defaults__)
+    return torch.compile(fn, dynamic=False)
 
 
-def _compiled_group_step() -> Callable[..., None]:
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(group_step, dynamic=False))
-    return _COMPILED[0]
+_T = TypeVar("_T")
+
+
+def _take(items: list[_T], indices: list[int]) -> list[_T]:
+    return [items[i] for i in indices]
 
 
 def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
@@ -549,6 +622,40 @@ def _one_minus(c: Coef) -> Coef:
 
 def _reciprocal_one_plus(c: Coef) -> Coef:
     return [1 / (1 + x) for x in c] if isinstance(c, (list, tuple)) else 1 / (1 + c)  # type: ignore[operator]
+
+
+def _init_sharded(init: Callable[[Tensor, torch.dtype], Any], view: Any, dtype: torch.dtype) -> Any:
+    """A buffer of a DTensor parameter: built on the local shard, split like the parameter when it is shaped like it.
+
+    Buffers shaped like the parameter are split like it; buffers with one entry per row (NeroPlus) are split along
+    rows under Shard(0); others (per-tensor values) are whole on every rank. The kind is read from the buffer a
+    global-shaped (meta) parameter would get, so that every rank decides alike.
+    """
+    local = view.to_local().detach()
+    buf = init(local, dtype)
+    if not isinstance(buf, Tensor):
+        return buf
+    whole = init(torch.empty(view.shape, dtype=view.dtype, device="meta"), dtype)
+    per_row = False
+    if view.dim() > 0 and whole.dim() > 0 and whole.shape[0] == view.shape[0]:
+        taller = init(torch.empty((view.shape[0] + 1, *view.shape[1:]), dtype=view.dtype, device="meta"), dtype)
+        per_row = taller.shape[0] == view.shape[0] + 1
+    if whole.shape == view.shape or per_row:
+        if whole.shape != view.shape and not all(not pl.is_shard() or pl.dim == 0 for pl in view.placements):
+            raise NotImplementedError(f"a per-row state buffer for a DTensor placed as {view.placements}")
+        stride = tuple(math.prod(whole.shape[i + 1 :]) for i in range(whole.dim()))
+        return type(view).from_local(
+            buf, view.device_mesh, view.placements, run_check=False, shape=whole.shape, stride=stride
+        )
+    return buf  # a per-tensor value (TAdam's W_t): the same on every rank
+
+
+def _is_dtensor(x: Any) -> bool:
+    return type(x).__name__ == "DTensor" and hasattr(x, "to_local")
+
+
+def _to_local(x: Any) -> Any:
+    return x.to_local() if _is_dtensor(x) else x
 
 
 def _as_groups(params: Any) -> list[dict[str, Any]]:

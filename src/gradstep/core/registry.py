@@ -10,15 +10,26 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .hypers import REQUIRED
 
-__all__ = ["Capabilities", "Entry", "available", "create", "from_config", "get", "parse_spec", "register"]
+__all__ = [
+    "Capabilities",
+    "Entry",
+    "available",
+    "create",
+    "from_config",
+    "get",
+    "parse_spec",
+    "register",
+    "states_of",
+]
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,9 @@ class Capabilities:
         state_tensors: parameter-sized state tensors kept per parameter with the default hyperparameters.
         state_bytes_per_param: bytes of state per float32 parameter element.
         sharding: how the update reads a parameter: ``"elementwise"``, ``"per-tensor reduction"`` or ``"whole-tensor"``.
+        projects_params: every step ends by projecting *every* parameter onto a feasible set (a ball, a box), those
+            without a gradient and with a zero lr included, so a step can move a parameter that has no gradient
+            (declared by :attr:`Entry.projection`; the test matrix checks it against real steps).
     """
 
     supports_complex: bool
@@ -40,6 +54,7 @@ class Capabilities:
     state_tensors: int
     state_bytes_per_param: int
     sharding: str
+    projects_params: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,9 @@ class Entry:
         sharding: see :class:`Capabilities`.
         required: arguments without a default (besides a preset's ``REQUIRED`` ones); probes take them from
             ``example``.
+        projection: for optimizers that project every parameter after each step (``Capabilities.projects_params``):
+            a plain-torch reference of that projection, ``projection(param, group) -> projected copy`` for a
+            parameter of ``group`` (a param group dict). ``None`` for the others.
     """
 
     name: str
@@ -70,6 +88,7 @@ class Entry:
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     sharding: str = "elementwise"
     required: tuple[str, ...] = ()
+    projection: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
 
     @property
     def required_args(self) -> tuple[str, ...]:
@@ -97,7 +116,7 @@ class Entry:
         init = getattr(opt, "init_state", None)
         if init is not None:
             init()
-        tensors = [v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.numel() == p.numel()]
+        tensors = [v for s in states_of(opt, p) for v in s.values() if isinstance(v, Tensor) and v.numel() == p.numel()]
         supports_complex = bool(getattr(opt, "_supports_complex", lambda: False)())
         return Capabilities(
             supports_complex=supports_complex,
@@ -106,7 +125,17 @@ class Entry:
             state_tensors=len(tensors),
             state_bytes_per_param=sum(t.element_size() for t in tensors),
             sharding=self.sharding,
+            projects_params=self.projection is not None,
         )
+
+
+def states_of(opt: torch.optim.Optimizer, p: Tensor) -> list[dict[str, Any]]:
+    """The state dicts kept for ``p`` by an optimizer and, for a wrapper, by the optimizers it wraps (``inner``)."""
+    states = [opt.state[p]] if p in opt.state else []
+    inner = getattr(opt, "inner", None)
+    if isinstance(inner, torch.optim.Optimizer) and inner.state is not opt.state:
+        states += states_of(inner, p)
+    return states
 
 
 _REGISTRY: dict[str, Entry] = {}

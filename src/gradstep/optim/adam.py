@@ -121,7 +121,8 @@ class ScaleByAdamax(Transform):
 class Adam(ChainedOptimizer):
     """Adam, a drop-in for ``torch.optim.Adam`` (coupled weight decay by default).
 
-    Core options (``weight_decay_mode``, ``nonfinite``, ``state_dtype``, ``clip_step``, ``backoff_steps``,
+    ``decoupled_weight_decay=True`` (torch's flag) is ``weight_decay_mode="decoupled"``. Core options
+    (``weight_decay_mode``, ``nonfinite``, ``state_dtype``, ``clip_step``, ``backoff_steps``,
     ``lr_scale``, ``stochastic_rounding``) are keyword arguments; see :class:`~gradstep.ChainedOptimizer`.
 
     Example::
@@ -145,8 +146,11 @@ class Adam(ChainedOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        decoupled_weight_decay: bool = False,
         **options: Any,
     ) -> None:
+        if decoupled_weight_decay:  # torch.optim.Adam's flag, as the core's weight_decay_mode
+            options.setdefault("weight_decay_mode", "decoupled")
         super().__init__(
             params,
             [ScaleByAdam()],

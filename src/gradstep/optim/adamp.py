@@ -36,7 +36,7 @@ import torch
 from ..core.hypers import Hyper, boolean, non_negative, one_of
 from ..core.ops import TensorList
 from ..core.optimizer import ChainedOptimizer
-from ..core.reductions import row_dots, row_norms, tensor_dots, tensor_norms
+from ..core.reductions import row_dots, row_norms, tensor_dots, tensor_norms, tensor_numels
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, coef_is_zero, coef_mul
 from .adam import ScaleByAdam
@@ -165,7 +165,7 @@ def _project_layer(
 ) -> tuple[torch.Tensor, TensorList]:
     """Layer-wise test and projection: (which tensors pass the test, ``d`` projected where they do)."""
     cos = _abs_cosines(tensor_dots(g, p), tensor_norms(g), tensor_norms(p), eps)
-    limit = torch.tensor([delta / math.sqrt(x.numel()) for x in p], dtype=cos.dtype, device=cos.device)
+    limit = delta / torch.sqrt(tensor_numels(p).to(device=cos.device, dtype=cos.dtype))
     unit = ops.div(p, list((tensor_norms(p) + eps).unbind(0)))
     projected = ops.sub(d, ops.mul(unit, list(tensor_dots(unit, d).unbind(0))))
     hit = cos < limit

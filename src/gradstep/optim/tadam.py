@@ -13,7 +13,7 @@ import torch
 from ..core.hypers import Hyper, boolean, non_negative, optional_positive
 from ..core.ops import TensorList
 from ..core.optimizer import ChainedOptimizer
-from ..core.reductions import tensor_dots
+from ..core.reductions import tensor_dots, tensor_numels
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, zeros
 from .adam import BETAS, adam_denominator
@@ -71,7 +71,7 @@ class ScaleByTAdam(Transform):
         # The Student-t weight of this gradient, from the previous m and v (one reduction per tensor).
         residual = ops.sub(updates, exp_avg)
         mahalanobis = tensor_dots(residual, ops.div(residual, ops.add(exp_avg_sq, eps))).to(torch.float64)
-        numel = torch.tensor([float(g.numel()) for g in updates], dtype=torch.float64, device=mahalanobis.device)
+        numel = tensor_numels(updates).to(mahalanobis.device)  # of the whole tensor, also when sharded
         nu = numel if dof is None else torch.full_like(numel, float(dof))
         w = (nu + numel) / (nu + mahalanobis)
         big_w = torch.cat([x.to(torch.float64) for x in weights])
@@ -126,7 +126,7 @@ class TAdam(ChainedOptimizer):
 
         >>> import torch, gradstep
         >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
-        >>> opt = gradstep.optim.adaptive.TAdam([w], lr=0.1)
+        >>> opt = gradstep.TAdam([w], lr=0.1)
         >>> w.grad = torch.tensor([0.1, 0.2, 0.3]); _ = opt.step()
         >>> opt.state[w]["W_t"]
         tensor([8.])

@@ -1,0 +1,435 @@
+"""Every registered optimizer under torch.distributed (gloo, CPU, 2 ranks on 127.0.0.1) against the single-process run.
+
+One group of 2 ranks is spawned once for the whole file (spawning per optimizer would cost seconds each). Inside it:
+
+* FSDP2: a small transformer-like model (Linear/LayerNorm blocks, ``fully_shard`` per layer, so every parameter is a
+  DTensor split along dim 0) takes 20 steps of each registered optimizer; the full parameters are gathered and
+  compared, in the parent, with the same model stepped in one process on the whole batch. Each rank sees half the
+  batch; FSDP2 averages the gradients, so the two runs see the same gradients up to rounding. The model is float64,
+  so "the same up to rounding" is ~1e-15, far below what a shard-local norm or count changes (~1e-3).
+* the non-finite policy: a NaN in one rank's shard makes ``"skip"`` skip on every rank, ``"error"`` raise on every
+  rank, naming the parameter and the rank.
+* DDP and ``ZeroRedundancyOptimizer(optimizer_class=...)`` for a few optimizers (per-tensor reductions among them).
+* distributed checkpoints (``get/set_optimizer_state_dict``): a round trip leaves the state unchanged, and a resumed
+  optimizer continues bitwise.
+
+Ranks time out by themselves (the process group's timeout, and the parent kills ranks that outlive the deadline).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gradstep  # noqa: F401  (registers the optimizers)
+from gradstep.core import registry
+from gradstep.core.nonfinite import NonFiniteError
+from gradstep.core.registry import Entry
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+WORLD = 2
+STEPS = 20
+BATCH = 8  # split evenly over the ranks
+DEADLINE_S = 420  # the whole spawned group; the parent kills ranks still running then
+ENTRIES: list[Entry] = registry.entries()
+# Optimizers also run under DDP and ZeRO: elementwise and per-tensor-reduction ones.
+DDP_NAMES = ("adamw", "lamb", "adamp", "lars", "tadam")
+DCP_NAMES = ("adam", "lamb")
+TOL = 1e-10  # float64: rounding differences are ~1e-15
+
+
+def _name(entry: Entry) -> str:
+    return entry.name
+
+
+# --- the model, the data and the training loop (the same in the ranks and in the parent) ---------------------------
+def make_model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, 24),
+        torch.nn.LayerNorm(24),
+        torch.nn.GELU(),
+        torch.nn.Linear(24, 24),
+        torch.nn.LayerNorm(24),
+        torch.nn.Linear(24, 5),  # 5 rows over 2 ranks: uneven shards
+    )
+    return model.double()
+
+
+def make_batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(BATCH, 12, generator=gen, dtype=torch.float64),
+            torch.randn(BATCH, 5, generator=gen, dtype=torch.float64),
+        )
+        for _ in range(steps)
+    ]
+
+
+def build(entry: Entry, params: Any) -> torch.optim.Optimizer:
+    return entry(params, **entry.example)
+
+
+def train(model: torch.nn.Module, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], rows: slice) -> None:
+    for x, y in batches:
+        opt.zero_grad()
+        ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+        opt.step()
+
+
+def reference(entry: Entry, steps: int = STEPS) -> list[torch.Tensor]:
+    """The parameters after ``steps`` single-process steps on the whole batch."""
+    model = make_model()
+    train(model, build(entry, model.parameters()), make_batches(steps), slice(None))
+    return [p.detach() for p in model.parameters()]
+
+
+def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+# --- inside the ranks -------------------------------------------------------------------------------------------------
+def _fsdp_model(mesh: Any) -> Any:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [
+        p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+        for p in model.parameters()
+    ]
+
+
+def _my_rows(rank: int) -> slice:
+    n = BATCH // WORLD
+    return slice(rank * n, (rank + 1) * n)
+
+
+def _attempt(out: dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
+    """Record fn's result, or its error (a failing optimizer must not stop the others' runs)."""
+    try:
+        out[key] = fn()
+    except Exception:
+        out[key] = "error: " + traceback.format_exc()[-1200:]
+
+
+def _fsdp_all(rank: int, mesh: Any) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for entry in ENTRIES:
+
+        def run(entry: Entry = entry) -> list[torch.Tensor]:
+            model = _fsdp_model(mesh)
+            train(model, build(entry, model.parameters()), make_batches(), _my_rows(rank))
+            return _full(model)
+
+        _attempt(results, entry.name, run)
+
+    def chunked() -> list[torch.Tensor]:
+        # Chunks small enough to split the group: each chunk's reductions are collectives, so ranks must agree on them.
+        model = _fsdp_model(mesh)
+        opt = registry.get("lamb")(model.parameters(), **{**registry.get("lamb").example, "chunk_numel": 200})
+        train(model, opt, make_batches(), _my_rows(rank))
+        return _full(model)
+
+    _attempt(results, "lamb/chunked", chunked)
+    return results
+
+
+def _nonfinite(rank: int, mesh: Any) -> dict[str, Any]:
+    """A NaN in rank 1's shard only: what each policy does on each rank."""
+    out: dict[str, Any] = {}
+    for policy in ("skip", "error"):
+        model = _fsdp_model(mesh)
+        opt = registry.get("lamb")(model.parameters(), lr=0.01, nonfinite=policy)
+        x, y = make_batches(1)[0]
+        ((model(x[_my_rows(rank)]) - y[_my_rows(rank)]) ** 2).mean().backward()
+        weight = model[3].weight
+        if rank == 1:
+            weight.grad.to_local().view(-1)[0] = float("nan")  # type: ignore[union-attr]
+        before = _full(model)
+        try:
+            opt.step()
+            out[policy] = ("stepped", getattr(opt, "skipped_steps", None), max_difference(before, _full(model)))
+        except NonFiniteError as exc:
+            out[policy] = ("raised", str(exc), max_difference(before, _full(model)))
+    return out
+
+
+def _ddp_and_zero(rank: int) -> dict[str, Any]:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    out: dict[str, Any] = {}
+    for name in DDP_NAMES:
+        entry = registry.get(name)
+
+        def ddp(entry: Entry = entry) -> list[torch.Tensor]:
+            model = DistributedDataParallel(make_model())
+            train(model, build(entry, model.parameters()), make_batches(), _my_rows(rank))
+            return [p.detach().clone() for p in model.module.parameters()]
+
+        def zero(entry: Entry = entry) -> list[torch.Tensor]:
+            model = DistributedDataParallel(make_model())
+            hypers = {**entry.preset, **entry.example}
+            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=entry.cls, **hypers)
+            train(model, opt, make_batches(), _my_rows(rank))
+            return [p.detach().clone() for p in model.module.parameters()]
+
+        _attempt(out, f"ddp/{name}", ddp)
+        _attempt(out, f"zero/{name}", zero)
+    return out
+
+
+def _state_copy(opt: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+    def full(v: Any) -> Any:
+        if hasattr(v, "full_tensor"):
+            return v.full_tensor().clone()
+        return v.clone() if isinstance(v, torch.Tensor) else v
+
+    return {i: {k: full(v) for k, v in opt.state[p].items()} for i, p in enumerate(opt.param_groups[0]["params"])}
+
+
+def _dcp(rank: int, mesh: Any) -> dict[str, Any]:
+    """get/set_optimizer_state_dict: round trip, then resume from it in a fresh model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    out: dict[str, Any] = {}
+    batches = make_batches(8)
+    for name in DCP_NAMES:
+        entry = registry.get(name)
+
+        def run(entry: Entry = entry) -> dict[str, Any]:
+            model = _fsdp_model(mesh)
+            opt = build(entry, model.parameters())
+            train(model, opt, batches[:5], _my_rows(rank))
+            before = _state_copy(opt)
+            model_state: dict[str, Any] = dict(get_model_state_dict(model))
+            msd = {k: v.full_tensor().clone() for k, v in model_state.items()}
+            osd = get_optimizer_state_dict(model, opt)
+            set_optimizer_state_dict(model, opt, osd)
+            round_trip = _state_copy(opt)
+            # Resume: a fresh model and optimizer (state allocated by init_state, so DCP takes no dummy step).
+            fresh = _fsdp_model(mesh)
+            set_model_state_dict(fresh, msd, options=StateDictOptions(full_state_dict=True))
+            resumed = build(entry, fresh.parameters())
+            resumed.init_state()  # type: ignore[attr-defined]
+            set_optimizer_state_dict(fresh, resumed, get_optimizer_state_dict(model, opt))
+            train(model, opt, batches[5:], _my_rows(rank))
+            train(fresh, resumed, batches[5:], _my_rows(rank))
+            return {"before": before, "round_trip": round_trip, "continued": _full(model), "resumed": _full(fresh)}
+
+        _attempt(out, name, run)
+    return out
+
+
+def _reductions(mesh: Any) -> dict[str, list[torch.Tensor]]:
+    """Each shared reduction of DTensors (split along dim 0; their batched views split rows) and of the full tensors."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gradstep.core import reductions as red
+
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((5, 4), (7,), (1, 3))]
+    other = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in full]
+    shard = [distribute_tensor(x, mesh, [Shard(0)]) for x in full]
+    shard_other = [distribute_tensor(x, mesh, [Shard(0)]) for x in other]
+    batched, full_batched = [x.unsqueeze(0) for x in shard[:1]], [x.unsqueeze(0) for x in full[:1]]
+    cases: dict[str, tuple[Callable[..., Any], tuple[Any, ...], tuple[Any, ...]]] = {
+        "tensor_norms": (red.tensor_norms, (shard,), (full,)),
+        "tensor_norms_inf": (functools.partial(red.tensor_norms, ord=float("inf")), (shard,), (full,)),
+        "tensor_norms_1": (functools.partial(red.tensor_norms, ord=1.0), (shard,), (full,)),
+        "tensor_sums": (red.tensor_sums, (shard,), (full,)),
+        "tensor_dots": (red.tensor_dots, (shard, shard_other), (full, other)),
+        "tensor_numels": (red.tensor_numels, (shard,), (full,)),
+        "global_norm": (red.global_norm, (shard,), (full,)),
+        "row_norms": (red.row_norms, (shard,), (full,)),
+        "row_dots": (red.row_dots, (shard, shard_other), (full, other)),
+        "row_means": (red.row_means, (shard,), (full,)),
+        "split_row_norms": (red.row_norms, (batched,), (full_batched,)),
+        "split_row_l1_norms": (functools.partial(red.row_lp_norms, ord=1.0), (batched,), (full_batched,)),
+        "split_row_means": (red.row_means, (batched,), (full_batched,)),
+        "split_keep_top_k": (red.keep_top_k, (batched, [5]), (full_batched, [5])),
+        "split_row_signed_argmax": (red.row_signed_argmax, (batched,), (full_batched,)),
+    }
+    out = {}
+    for name, (fn, sharded_args, full_args) in cases.items():
+        got, expected = fn(*sharded_args), fn(*full_args)
+        got = list(got) if isinstance(got, list) else [got]
+        expected = list(expected) if isinstance(expected, list) else [expected]
+        out[name] = [_whole(g) for g in got] + [e.clone() for e in expected]
+    return out
+
+
+def _whole(x: torch.Tensor) -> torch.Tensor:
+    return x.full_tensor().clone() if hasattr(x, "full_tensor") else x.clone()
+
+
+def _rank_main(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        results: dict[str, Any] = {}
+        _attempt(results, "reductions", functools.partial(_reductions, mesh))
+        _attempt(results, "nonfinite", functools.partial(_nonfinite, rank, mesh))
+        _attempt(results, "ddp", functools.partial(_ddp_and_zero, rank))
+        _attempt(results, "dcp", functools.partial(_dcp, rank, mesh))
+        _attempt(results, "fsdp", functools.partial(_fsdp_all, rank, mesh))
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+# --- the parent --------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict[str, Any]]:
+    """Run every distributed scenario once, in one group of ranks; the results of each rank."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.start_processes(
+            _rank_main, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + DEADLINE_S
+        try:
+            # join() returns when one rank ends (raising if it failed): loop until all have ended, or the deadline.
+            while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the ranks did not finish within {DEADLINE_S} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        results = []
+        for rank in range(WORLD):
+            with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+    return results
+
+
+def _ok(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("error: "):
+        pytest.fail(value)
+    return value
+
+
+# Known gaps under FSDP2, tracked here (strict: the test fails once one of them starts to pass, so it is noticed).
+FSDP2_GAPS = {
+    "neroplus": "a 1-D parameter's norm and mean are taken over a one-row view, which sharding splits across ranks",
+    "l2_projected": "the L2-ball projection uses Tensor.renorm_, which DTensor has no sharding rule for",
+    "scout": "the coherence is a boolean-mask index of a Partial (unreduced) DTensor sum, which DTensor refuses",
+}
+FSDP2_CASES = [
+    pytest.param(e, marks=pytest.mark.xfail(strict=True, reason=FSDP2_GAPS[e.name])) if e.name in FSDP2_GAPS else e
+    for e in ENTRIES
+]
+
+
+@pytest.mark.parametrize("entry", FSDP2_CASES, ids=_name)
+def test_fsdp2_matches_single_process(ranks: list[dict[str, Any]], entry: Entry) -> None:
+    got = [_ok(_ok(r["fsdp"])[entry.name]) for r in ranks]
+    expected = reference(entry)
+    for rank_params in got:
+        assert max_difference(rank_params, expected) < TOL
+    # The model moved: the comparison is not between two untouched models.
+    assert max_difference(expected, [p.detach() for p in make_model().parameters()]) > 1e-4
+
+
+def test_fsdp2_chunked_steps_match_single_process(ranks: list[dict[str, Any]]) -> None:
+    expected = reference(registry.get("lamb"))
+    for r in ranks:
+        assert max_difference(_ok(_ok(r["fsdp"])["lamb/chunked"]), expected) < TOL
+
+
+def test_every_entry_declares_a_sharding_kind() -> None:
+    assert {e.capabilities.sharding for e in ENTRIES} <= {"elementwise", "per-tensor reduction", "whole-tensor"}
+
+
+REDUCTIONS = (
+    "tensor_norms tensor_norms_inf tensor_norms_1 tensor_sums tensor_dots tensor_numels global_norm row_norms row_dots "
+    "row_means split_row_norms split_row_l1_norms split_row_means split_keep_top_k split_row_signed_argmax"
+).split()
+
+
+@pytest.mark.parametrize("name", REDUCTIONS)
+def test_reduction_of_dtensors_equals_the_unsharded_one(ranks: list[dict[str, Any]], name: str) -> None:
+    for r in ranks:
+        values = _ok(_ok(r["reductions"])[name])
+        got, expected = values[: len(values) // 2], values[len(values) // 2 :]
+        assert len(got) == len(expected) > 0
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_nonfinite_skip_skips_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        outcome, skipped, moved = _ok(r["nonfinite"])["skip"]
+        assert (outcome, skipped, moved) == ("stepped", 1, 0.0)
+
+
+def test_nonfinite_error_raises_on_every_rank_naming_parameter_and_rank(ranks: list[dict[str, Any]]) -> None:
+    for rank, r in enumerate(ranks):
+        outcome, message, moved = _ok(r["nonfinite"])["error"]
+        assert outcome == "raised" and moved == 0.0
+        assert "param_groups[0]['params'][4]" in message  # model[3].weight, the fifth parameter
+        assert f"rank {rank} of {WORLD}" in message
+
+
+@pytest.mark.parametrize("kind", ["ddp", "zero"])
+@pytest.mark.parametrize("name", DDP_NAMES)
+def test_ddp_and_zero_match_single_process(ranks: list[dict[str, Any]], kind: str, name: str) -> None:
+    expected = reference(registry.get(name))
+    for r in ranks:
+        assert max_difference(_ok(_ok(r["ddp"])[f"{kind}/{name}"]), expected) < TOL
+
+
+@pytest.mark.parametrize("name", DCP_NAMES)
+def test_dcp_round_trip_keeps_state_and_resume_is_bitwise(ranks: list[dict[str, Any]], name: str) -> None:
+    for r in ranks:
+        result = _ok(_ok(r["dcp"])[name])
+        before, after = result["before"], result["round_trip"]
+        assert before.keys() == after.keys()
+        for i in before:
+            assert before[i].keys() == after[i].keys()
+            for key in before[i]:
+                assert torch.equal(before[i][key], after[i][key]), (i, key)
+        for continued, resumed in zip(result["continued"], result["resumed"]):
+            assert torch.equal(continued, resumed)
