@@ -1,0 +1,301 @@
+"""Wrappers around another optimizer: the shared plumbing, and fastai's ``OptimWrapper``.
+
+A wrapper here is a ``torch.optim.Optimizer`` that *shares* its inner optimizer's ``param_groups`` (the same list,
+read through a property, so it stays right after the inner optimizer's ``load_state_dict`` rebinds it). Everything
+that works on groups therefore reaches the inner optimizer: LR schedulers attached to the wrapper,
+``torch.amp.GradScaler`` (which unscales the gradients of ``param_groups`` and then calls ``step()``), gradstep's group
+tools (``set_hyper``, ``freeze_to``, ...) and ``add_param_group``.
+
+:class:`OptimWrapper` is fastai's ``OptimWrapper`` (fastai 2.8.12, ``fastai.optimizer``): any ``torch.optim``
+optimizer, with fastai's hyperparameter names and gradstep's group tools.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core.groups import GroupToolsMixin
+from ..core.hypers import Hyper, spread
+from ..core.registry import Entry, register
+
+__all__ = ["PYTORCH_HP_MAP", "OptimWrapper", "WrapperBase"]
+
+PYTORCH_HP_MAP: dict[str, str] = {
+    "momentum": "mom",
+    "weight_decay": "wd",
+    "alpha": "sqr_mom",
+    "betas__0": "mom",
+    "betas__1": "sqr_mom",
+}
+"""fastai's ``pytorch_hp_map``: torch's hyperparameter keys (``betas__i`` is element i of ``betas``) to fastai's."""
+
+
+def copy_tensors(tree: Any) -> Any:
+    """A copy of nested dicts/lists/tuples whose tensors are cloned (torch's ``load_state_dict`` would alias them)."""
+    if isinstance(tree, Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: copy_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [copy_tensors(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(copy_tensors(v) for v in tree)
+    return tree
+
+
+class WrapperBase(GroupToolsMixin, torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that shares the ``param_groups`` (and ``defaults``) of an inner optimizer.
+
+    Subclasses call :meth:`_attach` first in their constructor and list the attributes that make up their picklable
+    state in ``_PICKLED``. ``torch.optim.Optimizer.__init__`` is not called: it would register the inner optimizer's
+    groups a second time. Its other work (hook registries, the hooked ``step``) is done by
+    ``torch.optim.Optimizer.__setstate__``, which exists to fill in exactly those attributes.
+    """
+
+    _PICKLED: tuple[str, ...] = ("_inner",)
+    _inner: torch.optim.Optimizer
+
+    def _attach(self, inner: torch.optim.Optimizer, state: Any = None) -> None:
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"{type(self).__name__} wraps a torch.optim.Optimizer, got {type(inner).__name__}")
+        self._inner = inner
+        self._torch_setstate({} if state is None else {"state": state})
+
+    def _torch_setstate(self, state: dict[str, Any]) -> None:
+        # torch's __setstate__ adds "differentiable" to ``self.defaults``, which is the inner optimizer's dict: a key
+        # gradstep's optimizers do not declare, and would then look for in every checkpoint they load.
+        had = "differentiable" in self._inner.defaults
+        torch.optim.Optimizer.__setstate__(self, state)
+        if not had:
+            self._inner.defaults.pop("differentiable", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What torch's own __getstate__ leaves out (hooks, a scheduler's patched step) stays out here too.
+        return {name: self.__dict__[name] for name in self._PICKLED if name in self.__dict__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._torch_setstate({})
+
+    # --- what is shared with the inner optimizer ----------------------------------------------------------------
+    @property
+    def inner(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer."""
+        return self._inner
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self._inner.param_groups = groups
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self._inner.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict[str, Any]) -> None:
+        self._inner.defaults = defaults
+
+    def declared_hypers(self) -> dict[str, Hyper]:
+        """The inner optimizer's declared hyperparameters (none for a ``torch.optim`` optimizer)."""
+        declared = getattr(self._inner, "declared_hypers", None)
+        return declared() if callable(declared) else {}
+
+    @property
+    def transforms(self) -> tuple[Any, ...]:
+        return tuple(getattr(self._inner, "transforms", ()))
+
+    def _supports_complex(self) -> bool:
+        supports = getattr(self._inner, "_supports_complex", None)
+        return bool(supports()) if callable(supports) else False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._inner.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._inner.zero_grad(set_to_none)
+
+    def set_hyper(self, name: str, value: Any) -> None:
+        """As :meth:`GroupToolsMixin.set_hyper`; a pair given for a pair-valued hyperparameter (``betas``) of an
+        optimizer that declares none (``torch.optim``'s) is one value for every group, not one value per group."""
+        current = self.param_groups[0].get(name) if self.param_groups else None
+        if (
+            name not in self.declared_hypers()
+            and isinstance(current, (tuple, list))
+            and isinstance(value, (tuple, list))
+            and not any(isinstance(v, (tuple, list)) for v in value)
+        ):
+            value = [type(current)(value)] * len(self.param_groups)
+        super().set_hyper(name, value)
+
+    def _clear_inner_state(self) -> None:
+        clear = getattr(self._inner, "clear_state", None)
+        if callable(clear):
+            clear()
+        else:
+            self._inner.state = defaultdict(dict)
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+
+def _detuplify(group: dict[str, Any]) -> dict[str, Any]:
+    """fastai's ``detuplify_pg``: a tuple or list value ``k`` becomes ``k__0``, ``k__1``, ... (parameters left out)."""
+    out: dict[str, Any] = {}
+    for key, value in group.items():
+        if key in ("params", "param_names"):
+            continue
+        if isinstance(value, (tuple, list)):
+            out.update({f"{key}__{i}": v for i, v in enumerate(value)})
+        else:
+            out[key] = value
+    return out
+
+
+def _convert_groups(params: Any) -> Any:
+    """fastai's ``_convert_params``: when the first element is a list, each element is a group (dicts pass)."""
+    if isinstance(params, Tensor) or params is None:
+        return params
+    params = list(params)
+    if not params or not isinstance(params[0], list):
+        return params
+    return [group if isinstance(group, dict) else {"params": group} for group in params]
+
+
+class OptimWrapper(WrapperBase):
+    """Any ``torch.optim`` optimizer with fastai's hyperparameter names and gradstep's group tools.
+
+    fastai's ``OptimWrapper(params=None, opt=None, hp_map=None, convert_groups=True, **kwargs)``:
+
+    * ``opt`` a class or factory: the optimizer is ``opt(params, **kwargs)``; with ``convert_groups`` a list of lists
+      of parameters (fastai's splitter output) becomes one group per inner list.
+    * ``opt`` a built optimizer: it is wrapped; ``params`` must then be ``None``. The first positional argument is
+      ``params`` (fastai's code, not its older docs): ``OptimWrapper(torch_opt)`` raises ``ValueError``.
+
+    Hyperparameters are read and set by fastai's names, through ``hp_map`` (default :data:`PYTORCH_HP_MAP`:
+    ``mom`` is ``momentum`` or ``betas[0]``, ``sqr_mom`` is ``alpha`` or ``betas[1]``, ``wd`` is
+    ``weight_decay``); torch's names work too. ``set_hyper`` takes slices and lists (one value per group), as on
+    every gradstep optimizer, and ``freeze``/``freeze_to``/``unfreeze`` keep parameters marked ``force_train`` (see
+    :func:`gradstep.mark_norm_params`) trainable. ``state``, ``step``, ``zero_grad`` and the checkpoints are the
+    inner optimizer's.
+
+    Example::
+
+        >>> import torch, gradstep
+        >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+        >>> opt = gradstep.wrappers.OptimWrapper([[a], [b]], opt=torch.optim.AdamW, lr=1e-3)
+        >>> opt.set_hyper("mom", 0.8); opt.set_hyper("lr", slice(1e-4, 1e-2))
+        >>> [g["betas"] for g in opt.param_groups], [h["lr"] for h in opt.hypers]
+        ([(0.8, 0.999), (0.8, 0.999)], [0.0001, 0.01])
+
+    .. warning::
+        Differences from fastai: ``force_train`` is read from the parameter's ``opt_args`` (gradstep's mark), not from
+        the wrapper's own ``state``; ``state`` is the inner optimizer's. ``set_hyper("lr", slice(0, x))`` raises
+        ``ValueError`` (fastai treats it as ``slice(x)``). Loading a checkpoint copies its tensors (torch aliases them).
+    """
+
+    _PICKLED = ("_inner", "fwd_map", "bwd_map")
+
+    def __init__(
+        self,
+        params: Iterable[Any] | None = None,
+        opt: Callable[..., torch.optim.Optimizer] | torch.optim.Optimizer | None = None,
+        hp_map: dict[str, str] | None = None,
+        convert_groups: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if params is None and opt is None:
+            raise ValueError("Both `params` and `opt` cannot be None.")
+        if isinstance(opt, torch.optim.Optimizer):
+            if params is not None:
+                raise ValueError("Tried using both `params` and a built optimizer. Just pass in `opt`.")
+            if kwargs:
+                raise TypeError(f"a built optimizer takes no hyperparameters here, got {', '.join(sorted(kwargs))}")
+            inner = opt
+        elif callable(opt):
+            inner = opt(_convert_groups(params) if convert_groups else params, **kwargs)
+        elif isinstance(params, torch.optim.Optimizer):
+            raise ValueError("OptimWrapper's first argument is `params`; pass a built optimizer as `opt=`.")
+        else:
+            raise ValueError(f"`opt` must be an optimizer class, a factory or a built optimizer, got {opt!r}")
+        self._attach(inner)
+        hp_map = PYTORCH_HP_MAP if hp_map is None else hp_map
+        self.fwd_map: dict[str, str] = {k: hp_map.get(k, k) for k in _detuplify(self.param_groups[0])}
+        self.bwd_map: dict[str, str] = {v: k for k, v in self.fwd_map.items()}
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self._inner.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        self._inner.state = state
+
+    @property
+    def hypers(self) -> list[dict[str, Any]]:
+        """Each group's hyperparameters under fastai's names (tuples split: ``betas`` is ``mom`` and ``sqr_mom``)."""
+        return [{self.fwd_map.get(k, k): v for k, v in _detuplify(group).items()} for group in self.param_groups]
+
+    @property
+    def param_lists(self) -> list[list[Tensor]]:
+        return [group["params"] for group in self.param_groups]
+
+    def set_hyper(self, name: str, value: Any) -> None:
+        """Set a hyperparameter by fastai's name (``mom``, ``sqr_mom``, ``wd``, ``betas__0``, ...) or torch's.
+
+        A slice or a list gives one value per group; ``name__i`` sets element i of a tuple-valued hyperparameter.
+        """
+        key = self.bwd_map.get(name, name)
+        base, sep, index = key.partition("__")
+        if not sep or base not in self.param_groups[0]:
+            super().set_hyper(key, value)
+            return
+        i = int(index)
+        values = spread(value, len(self.param_groups))
+        pairs = [
+            tuple(v if j == i else old for j, old in enumerate(group[base]))
+            for group, v in zip(self.param_groups, values)
+        ]
+        super().set_hyper(base, pairs)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        return self._inner.step(closure) if closure is not None else self._inner.step()
+
+    def clear_state(self) -> None:
+        """Forget the inner optimizer's state (``clear_state()`` of a gradstep optimizer, else a new empty dict)."""
+        self._clear_inner_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._inner.load_state_dict(copy_tensors(state_dict))
+
+    def __repr__(self) -> str:
+        return f"OptimWrapper({self._inner!r})"
+
+
+register(
+    Entry(
+        "optim_wrapper",
+        OptimWrapper,
+        "fastai's OptimWrapper: a torch.optim optimizer with fastai's hyperparameter names and the group tools",
+        "fastai: Howard & Gugger, 2020. Fastai: A Layered API for Deep Learning. arXiv:2002.04688",
+        ("fastai.optimizer (2.8.12) OptimWrapper",),
+        preset={"opt": torch.optim.SGD},
+        example={"lr": 5e-2, "weight_decay": 0.01},
+        invalid=(
+            ({"lr": -1.0}, "learning rate"),
+            ({"momentum": -0.5}, "momentum"),
+            ({"weight_decay": -1.0}, "weight_decay"),
+        ),
+    )
+)
