@@ -352,7 +352,6 @@ def _ok(value: Any) -> Any:
 
 # Known gaps under FSDP2, tracked here (strict: the test fails once one of them starts to pass, so it is noticed).
 FSDP2_GAPS = {
-    "neroplus": "a 1-D parameter's norm and mean are taken over a one-row view, which sharding splits across ranks",
     "l2_projected": "the L2-ball projection uses Tensor.renorm_, which DTensor has no sharding rule for",
     "scout": "the coherence is a boolean-mask index of a Partial (unreduced) DTensor sum, which DTensor refuses",
 }

@@ -37,7 +37,7 @@ from torch import Tensor
 from ..core.hypers import Hyper, beta_pair, boolean, non_negative, positive
 from ..core.ops import FOREACH, PerTensorOps, TensorList
 from ..core.optimizer import ChainedOptimizer
-from ..core.reductions import row_means, row_norms
+from ..core.reductions import row_means, row_norms, tensor_norms, tensor_numels, tensor_sums
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, coef_is_zero, zeros
 
@@ -51,11 +51,6 @@ _OPT_ARGS_CHECKS = {
 }
 
 
-def _rows(x: Tensor) -> Tensor:
-    """The tensor as rows: itself when ``ndim > 1``, else one row (a view, so in-place writes reach ``x``)."""
-    return x if x.dim() > 1 else x.view(1, -1)
-
-
 def _row_norm_shape(x: Tensor) -> tuple[int, ...]:
     # ALF's _norm: (n, 1, ..., 1) for ndim > 1, a scalar for the others.
     return (x.shape[0],) + (1,) * (x.dim() - 1) if x.dim() > 1 else ()
@@ -65,11 +60,37 @@ def _row_norm_zeros(param: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(_row_norm_shape(param), dtype=dtype, device=param.device)
 
 
+def _per_row(xs: TensorList, rows: Any, whole: Any) -> TensorList:
+    """A statistic per row for ``ndim > 1`` (shape ``(n, 1, ..., 1)``), of the whole tensor otherwise (0-d).
+
+    The whole-tensor statistic comes from the shared per-tensor reductions, not from a one-row view, so that it stays
+    exact when the tensor is sharded (a one-row view would be split across shards).
+    """
+    out: list[Tensor | None] = [None] * len(xs)
+    multi = [i for i, x in enumerate(xs) if x.dim() > 1]
+    flat = [i for i, x in enumerate(xs) if x.dim() <= 1]
+    for i, value in zip(multi, rows([xs[i] for i in multi]) if multi else []):
+        out[i] = value
+    if flat:
+        values = whole([xs[i] for i in flat])
+        for k, i in enumerate(flat):
+            out[i] = values[k]
+    return [v for v in out if v is not None]
+
+
 def _row_norms(xs: TensorList) -> TensorList:
     """ALF's per-row norm: one value per row when ``ndim > 1``, the whole tensor's norm otherwise."""
-    # reductions.row_norms cannot reshape an empty tensor into rows; an empty tensor has empty (or zero) row norms.
-    norms = iter(row_norms([_rows(x) for x in xs if x.numel() > 0]))
-    return [next(norms).reshape(_row_norm_shape(x)) if x.numel() > 0 else _row_norm_zeros(x, x.dtype) for x in xs]
+    return _per_row(xs, row_norms, tensor_norms)
+
+
+def _row_means(xs: TensorList) -> TensorList:
+    """ALF's per-row mean: one value per row when ``ndim > 1``, the whole tensor's mean otherwise."""
+    return _per_row(xs, row_means, _means)
+
+
+def _means(xs: TensorList) -> Tensor:
+    sums = tensor_sums(xs)
+    return sums / tensor_numels(xs).to(device=sums.device, dtype=sums.dtype)
 
 
 def _opt_args(p: Tensor) -> dict[str, Any]:
@@ -107,14 +128,14 @@ def project_rows_(params: TensorList, constraints: list[Constraint], ops: PerTen
     """ALF's ``_normalize`` in place on every parameter: subtract row means, then scale rows to (at most) max_norm."""
     # Empty tensors have nothing to constrain (and cannot be viewed as rows).
     live = [(p, c) for p, c in zip(params, constraints) if p.numel() > 0]
-    centred = [_rows(p) for p, c in live if c.zero_mean and p.dim() > 0]
+    centred = [p for p, c in live if c.zero_mean and p.dim() > 0]
     if centred:
-        ops.add_(centred, ops.neg(row_means(centred)))
-    bounded = [(_rows(p), c) for p, c in live if c.max_norm != math.inf]
+        ops.add_(centred, ops.neg(_row_means(centred)))
+    bounded = [(p, c) for p, c in live if c.max_norm != math.inf]
     if not bounded:
         return
     rows = [r for r, _ in bounded]
-    scales = ops.mul(torch._foreach_reciprocal(ops.add(row_norms(rows), 1e-30)), [c.max_norm for _, c in bounded])
+    scales = ops.mul(torch._foreach_reciprocal(ops.add(_row_norms(rows), 1e-30)), [c.max_norm for _, c in bounded])
     # Without fixed_norm the rows may shrink below max_norm but never grow.
     shrink = [k for k, (_, c) in enumerate(bounded) if not c.fixed_norm]
     if shrink:
