@@ -114,7 +114,13 @@ class GroupStep:
 
     def per_param(self, values: Tensor) -> list[Tensor]:
         """Split a vector with one value per parameter into 0-d tensors usable as a coefficient."""
-        return list(values.unbind(0)) if len(self) else []
+        if not len(self):
+            return []
+        if torch.compiler.is_compiling():
+            # Inductor would otherwise inline the scalar math behind these values (pow, sqrt, divisions) into every
+            # iteration of the vectorised loops that read them; computed once here, the loops only load a number.
+            values = _materialize(values)
+        return list(values.unbind(0))
 
     def power(self, base: Any) -> Tensor:
         """``base ** t`` for every parameter's step count ``t`` (a float64 vector), computed without a sync."""
@@ -126,6 +132,17 @@ class GroupStep:
     def bias_correction(self, beta: Any) -> Tensor:
         """``1 - beta ** t`` per parameter (float64 vector)."""
         return 1.0 - self.power(beta)
+
+
+@torch.library.custom_op("gradstep::materialize", mutates_args=())
+def _materialize(values: Tensor) -> Tensor:
+    """An identity that compiled code cannot see through: its input is computed once, before the loops that use it."""
+    return values.clone()
+
+
+@_materialize.register_fake
+def _(values: Tensor) -> Tensor:
+    return torch.empty_like(values)
 
 
 class Transform:

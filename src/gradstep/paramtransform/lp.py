@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..core.hypers import REQUIRED, Hyper, non_negative, unit_interval_closed
-from ..core.reductions import keep_top_k, row_lp_norms
+from ..core.reductions import keep_top_k, row_lp_norms, row_norms
 from ..optim.sgd import SGD
 from .base import ParamTransformingOptimizer
 from .chained import ChainedParamTransformingOptimizer
@@ -50,6 +50,7 @@ __all__ = [
     "LinfProjectedOptim",
     "SignedGradientOptim",
     "TopQGradientOptimizer",
+    "project_l2_ball_",
     "sample_q",
     "top_q",
 ]
@@ -90,6 +91,21 @@ def sample_q(q: float, dq: float, generator: torch.Generator | None) -> float:
     device = generator.device if generator is not None else None
     # One float32 draw, scaled in float32 as rai_toolbox does, so the same generator gives the same q.
     return float((hi - lo) * torch.rand(1, generator=generator, device=device) + lo)
+
+
+def project_l2_ball_(blocks: Tensor, epsilon: float) -> None:
+    """``blocks.renorm_(p=2, dim=0, maxnorm=epsilon)``, in a form that also runs on sharded (DTensor) blocks.
+
+    ``torch.renorm`` scales each row whose L2 norm exceeds ``maxnorm`` by ``maxnorm / (norm + 1e-7)``, with the norm,
+    the limit and the factor in the norm's dtype (float32 for half precision), and leaves the other rows alone.
+    DTensor has no sharding rule for it (FSDP2); here the row norms are the shared, sharding-aware ones and the rest is
+    elementwise, with the same operations in the same dtypes, so the result on plain tensors is bitwise renorm's.
+    """
+    norms = row_norms([blocks])[0]
+    limit = torch.full_like(norms, epsilon)  # maxnorm rounded to the norm's dtype, as renorm does
+    # limit / (norms + 1e-7) is a true division (a Python number over a tensor would be a reciprocal times it).
+    factor = torch.where(norms > limit, limit / (norms + 1e-7), torch.ones_like(norms))
+    blocks.mul_(factor.to(blocks.dtype))
 
 
 def top_q(view: Tensor, q: float) -> Tensor:
@@ -245,7 +261,8 @@ class L2ProjectedOptim(L2NormedGradientOptim):
     """Normalised-gradient steps projected on the L2 ball of radius ``epsilon`` (required), block by block.
 
     After the inner step each block with ``||p|| > epsilon`` is scaled by ``epsilon / (||p|| + 1e-7)``
-    (``torch.renorm``); the others are left alone. A block [3, 4] with epsilon 1 becomes [0.6, 0.8].
+    (``torch.renorm``'s formula, see :func:`project_l2_ball_`); the others are left alone. A block [3, 4] with epsilon 1
+    becomes [0.6, 0.8].
     """
 
     hypers = (EPSILON,)
@@ -255,7 +272,7 @@ class L2ProjectedOptim(L2NormedGradientOptim):
         super().__init__(params, InnerOpt, **kwargs)
 
     def _post_step_transform_(self, param: Tensor, optim_group: dict[str, Any]) -> None:
-        param.renorm_(p=2, dim=0, maxnorm=optim_group["epsilon"])
+        project_l2_ball_(param, optim_group["epsilon"])
 
 
 class LinfProjectedOptim(SignedGradientOptim):

@@ -28,7 +28,7 @@ from ..core.reductions import row_lp_norms
 from ..core.transform import GroupStep, Transform
 from ..transforms import ScaleBySign
 from .blocks import block_ndim, to_batch
-from .lp import CLAMP, DQ, EPSILON, TINY, Q, check_clamp, check_generator, sample_q, top_q
+from .lp import CLAMP, DQ, EPSILON, TINY, Q, check_clamp, check_generator, project_l2_ball_, sample_q, top_q
 
 __all__ = [
     "ClampedGradient",
@@ -129,7 +129,7 @@ class L2BallProjection(_Blockwise):
 
     def after_step(self, ctx: GroupStep, params: TensorList) -> None:
         for p, b in zip(params, self.blocks(ctx, params)):
-            b.renorm_(p=2, dim=0, maxnorm=ctx.hyper("epsilon"))
+            project_l2_ball_(b, ctx.hyper("epsilon"))  # renorm_, also on sharded blocks
             if b.data_ptr() != p.data_ptr():  # a non-contiguous parameter was projected in a copy
                 p.copy_(b.view(p.shape))
 

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..core.hypers import REQUIRED, one_of, unit_interval_closed
 from ..core.ops import FOREACH
+from ..core.reductions import tensor_sums
 from ..core.registry import Entry, create, register
 from .optim_wrapper import WrapperBase, copy_tensors
 
@@ -547,7 +548,7 @@ class Scout(Lookahead):
     def _sync_rate(self, tracked: list[tuple[Tensor, dict[str, Any]]]) -> float:
         k = self.k
         coherence = None
-        sums, counts = [], []
+        ratios, varying = [], []
         for p, state in tracked if k > 1 else ():
             if p.numel() == 0:
                 continue
@@ -555,13 +556,18 @@ class Scout(Lookahead):
             dev = torch.maximum(state["delta_max"] - mean, mean - state["delta_min"])  # max_i |U_i - mean|
             std = (state["delta_m2"] / (k - 1)).clamp_min(0).sqrt()
             varies = dev > 0
-            sums.append(torch.where(varies, std / dev, 0.0).sum(dtype=torch.float64))
-            counts.append(varies.sum())
-        if sums:
-            total, count = torch.stack(sums), torch.stack(counts)
+            # float64 before summing: the sums of many ratios, and exact counts whatever the parameter's dtype.
+            ratios.append(torch.where(varies, std / dev, 0.0).to(torch.float64))
+            varying.append(varies.to(torch.float64))
+        if ratios:
+            # Per-parameter sums through the shared reductions: for sharded (DTensor) state, local sums all-reduced
+            # over the mesh, so every rank gets the whole parameter's sums as plain tensors.
+            total, count = tensor_sums(ratios), tensor_sums(varying)
             kept = count > 0
             if bool(kept.any()):
-                coherence = float((total[kept] / count[kept]).mean())
+                # The mean over the parameters with an element that varies (the others are masked out, not indexed).
+                means = torch.where(kept, total / count.clamp_min(1.0), 0.0)
+                coherence = float(means.sum() / kept.sum())
         self.last_coherence = coherence
         return float(self.alpha) if coherence is None else max(1.0 - coherence, float(self.alpha))
 
