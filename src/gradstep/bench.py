@@ -11,14 +11,22 @@ installed peer of the same algorithm, first-step time (compilation included for 
 parameter and the step's peak extra memory (allocations during one step, from the profiler; CPU only). The machine is
 noisy: compare ratios within one run, not across runs.
 
-    gradstep bench                          # every registered optimizer, eager and compiled (about 15 minutes)
+gradstep runs with ``nonfinite="ignore"`` by default: the same work as torch.optim and the peers, none of which checks
+gradients. ``--modes screened`` adds a compiled row with the default ``nonfinite="error"`` screen, to show its cost (one
+more read of the gradients and one host sync per step). First steps are measured with an empty inductor cache (a fresh
+``TORCHINDUCTOR_CACHE_DIR``): what a user's first run pays; later runs load the compiled code from the cache.
+
+    gradstep bench                          # every registered optimizer, eager and compiled (about 20 minutes)
     gradstep bench --only adam lamb --scale 0.25
+    gradstep bench --only adamw --modes compiled screened
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch._dynamo
 
+from .core.nonfinite import POLICIES
 from .core.registry import entries, get
 from .peers import implementations
 
@@ -35,12 +44,18 @@ SAME_AS_PEERS: dict[str, dict[str, float]] = {"sgd": {"momentum": 0.9}, "fastai_
 """Hyperparameters that give gradstep the configuration its peers run in :func:`gradstep.peers.implementations`."""
 
 
-def _gradstep_factory(name: str, mode: str) -> Factory:
+MODES = ("eager", "compiled", "screened")
+"""gradstep's rows: the eager path, the fast path, and the fast path with the default non-finite screen."""
+
+
+def _gradstep_factory(name: str, mode: str, nonfinite: str = "ignore") -> Factory:
     entry = get(name)
     hypers = {**{k: entry.example[k] for k in entry.required_args}, **SAME_AS_PEERS.get(name, {})}
+    if mode == "screened":
+        nonfinite = "error"
 
     def build(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return entry(params, **hypers, compiled=(mode == "compiled"))
+        return entry(params, **hypers, compiled=(mode != "eager"), nonfinite=nonfinite)
 
     return build
 
@@ -149,6 +164,7 @@ def run(
     modes: tuple[str, ...] = ("eager", "compiled"),
     peers: bool = True,
     report: Callable[[Row], None] | None = None,
+    nonfinite: str = "ignore",
 ) -> tuple[float, list[Row]]:
     """Measure; returns the bandwidth (bytes/s) and one row per (optimizer, implementation)."""
     shapes = workload(scale)
@@ -160,7 +176,7 @@ def run(
         entry = get(name)
         state_tensors = entry.capabilities.state_tensors + (1 if name in SAME_AS_PEERS else 0)
         floor_ms = 4 * (3 + 2 * state_tensors) * n / bw * 1e3
-        candidates = [(f"gradstep {mode}", _gradstep_factory(name, mode)) for mode in modes]
+        candidates = [(f"gradstep {mode}", _gradstep_factory(name, mode, nonfinite)) for mode in modes]
         candidates += list(table.get(name, {}).items())
         for label, factory in candidates:
             try:
@@ -212,6 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled path")
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, help="gradstep's rows (default: eager compiled; --eager-only: eager)"
+    )
+    parser.add_argument(
+        "--nonfinite",
+        default="ignore",
+        choices=POLICIES,
+        help="gradstep's non-finite policy in the eager and compiled rows (default: ignore, the peers' behaviour)",
+    )
+    parser.add_argument(
+        "--warm-cache", action="store_true", help="keep the user's inductor cache (first steps then reuse it)"
+    )
     parser.add_argument("--no-peers", action="store_true", help="time gradstep only")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     args = parser.parse_args(argv)
@@ -220,12 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(torch.Size(s).numel() for s in shapes)
     print(f"# {n / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, device {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
-    modes = ("eager",) if args.eager_only else ("eager", "compiled")
+    modes = tuple(args.modes) if args.modes else ("eager",) if args.eager_only else ("eager", "compiled")
+    if not args.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gradstep-bench-inductor-")
 
     def report(row: Row) -> None:
         print(f"  {row.optimizer:18s} {row.implementation:20s} {row.ms:8.1f} ms  x floor {row.x_floor:5.2f}")
 
-    bw, rows = run(args.only, args.scale, args.steps, args.warmup, args.device, modes, not args.no_peers, report)
+    bw, rows = run(
+        args.only, args.scale, args.steps, args.warmup, args.device, modes, not args.no_peers, report, args.nonfinite
+    )
     fused = _fused_adamw_ms(rows, shapes, args.device, args.steps, args.warmup)
     print()
     print(markdown(bw, rows, fused))

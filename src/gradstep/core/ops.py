@@ -23,11 +23,48 @@ from torch import Tensor
 Coef = Union[float, int, Tensor, Sequence[float], Sequence[Tensor]]
 TensorList = list[Tensor]
 
-__all__ = ["FOREACH", "PER_TENSOR", "Coef", "ForeachOps", "PerTensorOps", "TensorList", "is_number"]
+__all__ = [
+    "FOREACH",
+    "PER_TENSOR",
+    "Coef",
+    "Direction",
+    "ForeachOps",
+    "PerTensorOps",
+    "Quotient",
+    "TensorList",
+    "evaluate",
+    "is_number",
+]
 
 
 def is_number(c: object) -> bool:
     return isinstance(c, (int, float)) and not isinstance(c, bool)
+
+
+class Quotient:
+    """``numerator / denominator``, tensor by tensor, not evaluated yet (:meth:`ForeachOps.quotient`).
+
+    A transform that ends in a division returns one, so that when it is the chain's last step the core writes
+    ``p -= lr * numerator / denominator`` in one pass (``addcdiv``, as torch.optim's foreach Adam does) instead of
+    writing the direction out and reading it back. Anything else receives it evaluated (:func:`evaluate`).
+    """
+
+    __slots__ = ("denominator", "numerator")
+
+    def __init__(self, numerator: Sequence[Tensor], denominator: Sequence[Tensor]) -> None:
+        self.numerator = list(numerator)
+        self.denominator = list(denominator)
+
+
+Direction = Union[TensorList, Quotient]
+"""What a transform returns: tensors, or a :class:`Quotient` the core may fuse into the parameter write."""
+
+
+def evaluate(updates: Direction) -> TensorList:
+    """The tensors of a direction (a :class:`Quotient` divided out)."""
+    if isinstance(updates, Quotient):
+        return list(torch._foreach_div(updates.numerator, updates.denominator)) if updates.numerator else []
+    return updates
 
 
 def _at(c: Coef, i: int) -> float | Tensor:
@@ -68,6 +105,10 @@ class PerTensorOps:
 
     def sub(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
         return [torch.sub(x, y) for x, y in zip(xs, ys)]
+
+    def quotient(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Direction:
+        """``x / y`` as a direction: the reference divides at once; the foreach path may defer it into the write."""
+        return [torch.div(x, y) for x, y in zip(xs, ys)]
 
     def maximum(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
         return [torch.maximum(x, y) for x, y in zip(xs, ys)]
@@ -167,6 +208,9 @@ class ForeachOps(PerTensorOps):
 
     def maximum(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
         return list(torch._foreach_maximum(list(xs), list(ys)))
+
+    def quotient(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Direction:
+        return Quotient(xs, ys)
 
     def clamp(self, xs: Sequence[Tensor], lo: float, hi: float) -> TensorList:
         return list(torch._foreach_clamp_max(torch._foreach_clamp_min(list(xs), lo), hi))

@@ -32,7 +32,7 @@ from torch import Tensor
 from .groups import GroupToolsMixin
 from .hypers import REQUIRED, Hyper, boolean, expand_hypers, non_negative, non_negative_int, one_of, optional_bool
 from .nonfinite import POLICIES, NonFiniteError, finite_flags, first_nonfinite, rank_note
-from .ops import FOREACH, PER_TENSOR, Coef, TensorList
+from .ops import FOREACH, PER_TENSOR, Coef, Direction, Quotient, TensorList, evaluate, is_number
 from .reductions import sharded_as
 from .transform import GroupStep, Transform, coef_is_zero, coef_mul
 
@@ -505,11 +505,11 @@ def group_step(
     wd: Coef = ctx.param_hyper("weight_decay")
     wd_off = ctx.is_zero("weight_decay") and all(a is None or a.get("weight_decay") is None for a in opt_args)
     mode = group["weight_decay_mode"]
-    updates = grads
+    updates: Direction = grads
     if mode == "coupled" and not wd_off and not coef_is_zero(wd):
-        updates = ops.add(updates, ops.mul(params, wd))
+        updates = ops.add(grads, ops.mul(params, wd))
     for t in transforms:
-        updates = t.update(ctx, updates)
+        updates = t.update(ctx, evaluate(updates))
 
     lr: Coef = coef_mul(ctx.param_hyper("lr"), ctx.param_hyper("lr_scale"))
     if group["backoff_steps"] > 0:
@@ -527,11 +527,16 @@ def group_step(
     if direct:
         if decay and mode == "decoupled":
             ops.mul_(targets, _one_minus(lr_wd))
-        ops.add_scaled_(targets, updates, _negate(lr))
+        step_size = _negate(lr)
+        if isinstance(updates, Quotient) and _all_numbers(step_size):
+            # p += (-lr) * numerator / denominator in one pass, without writing the direction out.
+            torch._foreach_addcdiv_(targets, updates.numerator, updates.denominator, step_size)  # type: ignore[arg-type]
+        else:
+            ops.add_scaled_(targets, evaluate(updates), step_size)
         if decay and mode == "proximal":
             ops.mul_(targets, _reciprocal_one_plus(lr_wd))
     else:
-        _write_step(ctx, targets, updates, lr, lr_wd if decay else None)
+        _write_step(ctx, targets, evaluate(updates), lr, lr_wd if decay else None)
     for t in transforms:
         t.after_step(ctx, targets)
 
@@ -610,6 +615,10 @@ def _zero_flags(value: Any) -> Any:
     if isinstance(value, Tensor):
         return False  # a tensor value is never assumed to be zero (that would read it)
     return value == 0
+
+
+def _all_numbers(c: Coef) -> bool:
+    return all(map(is_number, c)) if isinstance(c, (list, tuple)) else is_number(c)
 
 
 def _negate(c: Coef) -> Coef:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .hypers import Hyper
-from .ops import FOREACH, Coef, PerTensorOps, TensorList, is_number
+from .ops import FOREACH, Coef, Direction, PerTensorOps, TensorList, is_number
 
 __all__ = ["BufferInit", "GroupStep", "Transform", "param_copy", "zeros"]
 
@@ -167,7 +167,9 @@ class Transform:
         """State tensors this transform keeps for a parameter of ``group``, by name, with their initialiser."""
         return {}
 
-    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+    def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
+        """The new direction: a list of tensors, or ``ctx.ops.quotient(numerator, denominator)`` for a final division
+        the core may fuse into the parameter write."""
         raise NotImplementedError
 
     def after_step(self, ctx: GroupStep, params: TensorList) -> None:

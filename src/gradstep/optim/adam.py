@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..core.hypers import Hyper, beta_pair, boolean, non_negative, one_of
-from ..core.ops import TensorList
+from ..core.ops import Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, zeros
@@ -60,7 +60,7 @@ class ScaleByAdam(Transform):
             names["max_exp_avg_sq"] = zeros
         return names
 
-    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+    def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops = ctx.ops
         beta1, beta2 = ctx.hyper("betas")
         eps = ctx.hyper("eps")
@@ -80,7 +80,7 @@ class ScaleByAdam(Transform):
         ops.mul_(denom, ctx.per_param(bc1 / sqrt_bc2))
         eps_term = bc1 * eps if ctx.hyper("eps_mode") == "torch" else bc1 / sqrt_bc2 * eps
         ops.add_(denom, ctx.per_param(eps_term))
-        return ops.div(exp_avg, denom)
+        return ops.quotient(exp_avg, denom)
 
 
 class ScaleByAdamax(Transform):

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..core.hypers import Hyper, boolean, non_negative, one_of
-from ..core.ops import TensorList
+from ..core.ops import TensorList, evaluate
 from ..core.optimizer import ChainedOptimizer
 from ..core.reductions import row_dots, row_norms, tensor_dots, tensor_norms, tensor_numels
 from ..core.registry import Entry, register
@@ -56,7 +56,7 @@ class ScaleByAdamNesterov(ScaleByAdam):
     )
 
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
-        adam = super().update(ctx, updates)
+        adam = evaluate(super().update(ctx, updates))
         if not ctx.hyper("nesterov"):
             return adam
         # The denominator is linear in the numerator: beta1 * (Adam's direction) + (1 - beta1) * (g scaled the same).
@@ -126,7 +126,7 @@ class TangentProjection(Transform):
         self.inner.after_step(ctx, params)
 
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
-        direction = self.inner.update(ctx, updates)
+        direction = evaluate(self.inner.update(ctx, updates))
         ops, params = ctx.ops, ctx.params
         eps, delta = ctx.hyper("eps"), ctx.hyper("delta")
         projected = torch.zeros(len(ctx), dtype=torch.bool, device=ctx.steps.device)

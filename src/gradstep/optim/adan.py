@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..core.hypers import Hyper, beta_triple, boolean, non_negative
-from ..core.ops import TensorList
+from ..core.ops import Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
 from ..core.reductions import global_norm
 from ..core.registry import Entry, register
@@ -62,7 +62,7 @@ class ScaleByAdan(Transform):
     def needs_whole_group(self, group: dict[str, Any]) -> bool:
         return group["max_grad_norm"] > 0
 
-    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+    def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops = ctx.ops
         beta1, beta2, beta3 = ctx.hyper("betas")
         eps, max_norm = ctx.hyper("eps"), ctx.hyper("max_grad_norm")
@@ -92,7 +92,7 @@ class ScaleByAdan(Transform):
         denom = ops.add(ops.div(ops.sqrt(second), ctx.per_param(sqrt_bc3)), eps)
         numerator = ops.div(exp_avg, ctx.per_param(ctx.bias_correction(beta1)))
         ops.add_scaled_(numerator, exp_avg_diff, ctx.per_param(beta2 / ctx.bias_correction(beta2)))
-        return ops.div(numerator, denom)
+        return ops.quotient(numerator, denom)
 
 
 class Adan(ChainedOptimizer):

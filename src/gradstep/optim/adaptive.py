@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..core.hypers import Hyper, beta_triple, boolean, non_negative, optional_positive
-from ..core.ops import TensorList
+from ..core.ops import Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, zeros
@@ -204,7 +204,7 @@ class ScaleByAdEMAMix(Transform):
         beta3_t = torch.clamp(torch.exp(log1 * log3 / ((1.0 - frac) * log3 + frac * log1)), max=beta3)
         return alpha_t, beta3_t
 
-    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+    def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops = ctx.ops
         beta1, beta2, beta3 = ctx.hyper("betas")
         eps = ctx.hyper("eps")
@@ -220,7 +220,7 @@ class ScaleByAdEMAMix(Transform):
         ops.lerp_(slow, updates, beta3_t)  # beta3_t now holds the weight 1 - beta3_t of the new gradient
         numerator = ops.div(fast, ctx.per_param(ctx.bias_correction(beta1)))
         ops.add_scaled_(numerator, slow, alpha_t)
-        return ops.div(numerator, adam_denominator(ctx, second, beta2, eps))
+        return ops.quotient(numerator, adam_denominator(ctx, second, beta2, eps))
 
 
 class AdEMAMix(ChainedOptimizer):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.hypers import REQUIRED, Hyper, boolean, non_negative, one_of, unit_interval_closed
-from ..core.ops import TensorList
+from ..core.ops import Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, zeros
@@ -145,7 +145,7 @@ class ScaleByQHAdam(Transform):
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:
         return {"exp_avg": zeros, "exp_avg_sq": zeros}
 
-    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+    def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops = ctx.ops
         beta1, beta2 = ctx.hyper("betas")
         nu1, nu2 = ctx.hyper("nus")
@@ -159,7 +159,7 @@ class ScaleByQHAdam(Transform):
         second = ops.mul(exp_avg_sq, ctx.per_param(nu2 / ctx.bias_correction(beta2)))
         if nu2 != 1:
             ops.addcmul_(second, updates, updates, 1 - nu2)
-        return ops.div(num, ops.add(ops.sqrt(second), ctx.hyper("eps")))
+        return ops.quotient(num, ops.add(ops.sqrt(second), ctx.hyper("eps")))
 
 
 class RAdam(ChainedOptimizer):

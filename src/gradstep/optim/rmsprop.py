@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..core.hypers import Hyper, boolean, non_negative, one_of, unit_interval_closed
-from ..core.ops import TensorList
+from ..core.ops import Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, zeros
@@ -53,7 +53,7 @@ class ScaleByRms(Transform):
             names["momentum_buffer"] = zeros
         return names
 
-    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+    def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops = ctx.ops
         alpha, eps, mu = ctx.hyper("alpha"), ctx.hyper("eps"), ctx.hyper("momentum")
         square_avg = ctx.buffer("square_avg")
@@ -69,14 +69,14 @@ class ScaleByRms(Transform):
             ops.addcmul_(second, mean, mean, -1.0)
         denom = ops.add(ops.sqrt(second), eps)
         if ctx.is_zero("momentum"):
-            return ops.div(updates, denom)
+            return ops.quotient(updates, denom)
         buf = ctx.buffer("momentum_buffer")
         ops.mul_(buf, mu)
         if ctx.hyper("momentum_on") == "scaled":
             ops.add_(buf, ops.div(updates, denom))
             return buf
         ops.add_(buf, updates)
-        return ops.div(buf, denom)
+        return ops.quotient(buf, denom)
 
 
 class RMSprop(ChainedOptimizer):
