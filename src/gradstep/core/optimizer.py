@@ -457,7 +457,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
         self.__setstate__({"state": state, "param_groups": saved_groups})
-        self._counters["global_step"] = int(state_dict.get("gradstep", {}).get("global_step", 0))
+        self._counters["global_step"] = _saved_global_step(state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -469,6 +469,20 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
     def __repr__(self) -> str:
         chain_text = ", ".join(map(repr, self._transforms))
         return f"{type(self).__name__}[{chain_text}]" + super().__repr__()[len(type(self).__name__) :]
+
+
+def _saved_global_step(state_dict: dict[str, Any]) -> int:
+    """The ``global_step`` a state_dict was saved at.
+
+    torch.distributed.checkpoint's ``get_optimizer_state_dict`` keeps only ``"state"`` and ``"param_groups"``: without
+    the ``"gradstep"`` entry, the count is the largest per-parameter step count, which is the same number whenever
+    some parameter had a gradient at every step (the count of steps that stepped no parameter at all is lost).
+    """
+    meta = state_dict.get("gradstep")
+    if isinstance(meta, dict) and "global_step" in meta:
+        return int(meta["global_step"])
+    steps = [float(s["step"]) for s in state_dict["state"].values() if isinstance(s, dict) and "step" in s]
+    return int(max(steps, default=0.0))
 
 
 def group_step(

@@ -131,8 +131,10 @@ class TangentProjection(Transform):
         eps, delta = ctx.hyper("eps"), ctx.hyper("delta")
         projected = torch.zeros(len(ctx), dtype=torch.bool, device=ctx.steps.device)
         out = list(direction)
-        # Which tensors are tested, and how, depends on shapes only (never on values). Empty ones have no direction.
-        tested = [i for i, p in enumerate(params) if (p.dim() > 1 or ctx.hyper("project_all")) and p.numel() > 0]
+        # Which tensors are tested, and how, depends on ndims only (never on values, nor on sizes: a rank's shard of a
+        # sharded tensor may be empty where the tensor is not, and every rank must take part in the same reductions).
+        # An empty tensor is harmless here: its cosine is 0 and its projection empty.
+        tested = [i for i, p in enumerate(params) if p.dim() > 1 or ctx.hyper("project_all")]
         if tested:
             g, p, d = ([xs[i] for i in tested] for xs in (updates, params, direction))
             hit, new = _project_layer(ops, g, p, d, eps, delta)
@@ -178,7 +180,10 @@ def _project_rows(
     """Channel-wise test (every row below the threshold) and per-row projection of ``d``, for tensors of ndim > 1."""
     cos = _abs_cosines(row_dots(g, p), row_norms(g), row_norms(p), eps)
     largest = tensor_norms(cos, math.inf)  # the cosines are absolute values: their max is the inf-norm
-    limit = torch.tensor([delta / math.sqrt(x[0].numel()) for x in p], dtype=largest.dtype, device=largest.device)
+    # The row length from the shape (x[0] does not exist in an empty shard); rows of length 0 are never tested out.
+    sizes = [math.prod(x.shape[1:]) for x in p]
+    limits = [delta / math.sqrt(n) if n else math.inf for n in sizes]
+    limit = torch.tensor(limits, dtype=largest.dtype, device=largest.device)
     unit = ops.div(p, ops.add(row_norms(p), eps))
     return largest < limit, ops.sub(d, ops.mul(unit, row_dots(unit, d)))
 
