@@ -111,7 +111,8 @@ def implementations() -> dict[str, dict[str, Factory]]:
             ("fastai_lamb", "Lamb"),
             ("larc", "Larc"),
         ]:
-            table.setdefault(name, {})["fastai"] = _factory(fastai, fn, lr=1e-3)
+            extra = {"mom": 0.9} if name == "fastai_sgd" else {}  # with momentum, as gradstep's row runs it
+            table.setdefault(name, {})["fastai"] = _factory(fastai, fn, lr=1e-3, **extra)
     clova = _optional("adamp")
     if clova is not None:
         table.setdefault("adamp", {})["adamp (clovaai)"] = _factory(clova, "AdamP")

@@ -42,18 +42,19 @@ def is_number(c: object) -> bool:
 
 
 class Quotient:
-    """``numerator / denominator``, tensor by tensor, not evaluated yet (:meth:`ForeachOps.quotient`).
+    """``scale * numerator / denominator``, tensor by tensor, not evaluated yet (:meth:`ForeachOps.quotient`).
 
     A transform that ends in a division returns one, so that when it is the chain's last step the core writes
     ``p -= lr * numerator / denominator`` in one pass (``addcdiv``, as torch.optim's foreach Adam does) instead of
     writing the direction out and reading it back. Anything else receives it evaluated (:func:`evaluate`).
     """
 
-    __slots__ = ("denominator", "numerator")
+    __slots__ = ("denominator", "numerator", "scale")
 
-    def __init__(self, numerator: Sequence[Tensor], denominator: Sequence[Tensor]) -> None:
+    def __init__(self, numerator: Sequence[Tensor], denominator: Sequence[Tensor], scale: Coef = 1.0) -> None:
         self.numerator = list(numerator)
         self.denominator = list(denominator)
+        self.scale = scale
 
 
 Direction = Union[TensorList, Quotient]
@@ -63,7 +64,12 @@ Direction = Union[TensorList, Quotient]
 def evaluate(updates: Direction) -> TensorList:
     """The tensors of a direction (a :class:`Quotient` divided out)."""
     if isinstance(updates, Quotient):
-        return list(torch._foreach_div(updates.numerator, updates.denominator)) if updates.numerator else []
+        if not updates.numerator:
+            return []
+        out = list(torch._foreach_div(updates.numerator, updates.denominator))
+        if not (is_number(updates.scale) and updates.scale == 1):
+            torch._foreach_mul_(out, _coef(updates.scale))
+        return out
     return updates
 
 
@@ -106,9 +112,11 @@ class PerTensorOps:
     def sub(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
         return [torch.sub(x, y) for x, y in zip(xs, ys)]
 
-    def quotient(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Direction:
-        """``x / y`` as a direction: the reference divides at once; the foreach path may defer it into the write."""
-        return [torch.div(x, y) for x, y in zip(xs, ys)]
+    def quotient(self, xs: Sequence[Tensor], ys: Sequence[Tensor], scale: Coef = 1.0) -> Direction:
+        """``scale * x / y`` as a direction: the reference computes it at once (``x / y``, then the scale); the
+        foreach path may defer it into the parameter write."""
+        out = [torch.div(x, y) for x, y in zip(xs, ys)]
+        return out if is_number(scale) and scale == 1 else self.mul(out, scale)
 
     def maximum(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
         return [torch.maximum(x, y) for x, y in zip(xs, ys)]
@@ -119,8 +127,9 @@ class PerTensorOps:
     def to(self, xs: Sequence[Tensor], dtypes: Sequence[torch.dtype]) -> TensorList:
         return [x if x.dtype == d else x.to(d) for x, d in zip(xs, dtypes)]
 
-    def where(self, conds: Sequence[Tensor], xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
-        return [torch.where(c, x, y) for c, x, y in zip(conds, xs, ys)]
+    def where(self, conds: Sequence[Tensor], xs: Sequence[Tensor], ys: Sequence[Tensor] | Coef) -> TensorList:
+        """``where(c, x, y)`` per tensor; ``ys`` may be a coefficient (one number or 0-d tensor per tensor)."""
+        return [torch.where(c, x, _at(ys, i)) for i, (c, x) in enumerate(zip(conds, xs))]
 
     def isfinite(self, xs: Sequence[Tensor]) -> TensorList:
         return [torch.isfinite(x) for x in xs]
@@ -209,8 +218,8 @@ class ForeachOps(PerTensorOps):
     def maximum(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
         return list(torch._foreach_maximum(list(xs), list(ys)))
 
-    def quotient(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Direction:
-        return Quotient(xs, ys)
+    def quotient(self, xs: Sequence[Tensor], ys: Sequence[Tensor], scale: Coef = 1.0) -> Direction:
+        return Quotient(xs, ys, scale)
 
     def clamp(self, xs: Sequence[Tensor], lo: float, hi: float) -> TensorList:
         return list(torch._foreach_clamp_max(torch._foreach_clamp_min(list(xs), lo), hi))

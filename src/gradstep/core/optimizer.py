@@ -306,8 +306,10 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
 
     def _update_group(self, plan: _Plan) -> None:
         group = plan.group
+        expected = self.expected_state_keys(group)
         for p, state in zip(plan.params, plan.states):
-            self._init_param_state(group, p, state)
+            if not expected.issubset(state):
+                self._init_param_state(group, p, state)
         if any(_is_dtensor(v) for v in plan.views):
             self._update_local_shards(plan)
             return
@@ -353,7 +355,10 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
 
     def _update_plain(self, plan: _Plan) -> None:
         group = plan.group
-        dtypes = [self._state_dtype(group, p) for p in plan.params]
+        by_dtype: dict[torch.dtype, torch.dtype] = {}  # the state dtype depends on the parameter's dtype only
+        dtypes = [
+            by_dtype.get(p.dtype) or by_dtype.setdefault(p.dtype, self._state_dtype(group, p)) for p in plan.params
+        ]
         hypers = {name: group[name] for name in self.declared_hypers()}
         zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
         args = (self._transforms, plan.views, plan.grads, plan.states, dtypes, plan.opt_args, plan.names)
@@ -542,9 +547,10 @@ def group_step(
         if decay and mode == "decoupled":
             ops.mul_(targets, _one_minus(lr_wd))
         step_size = _negate(lr)
-        if isinstance(updates, Quotient) and _all_numbers(step_size):
-            # p += (-lr) * numerator / denominator in one pass, without writing the direction out.
-            torch._foreach_addcdiv_(targets, updates.numerator, updates.denominator, step_size)  # type: ignore[arg-type]
+        fused: Coef | None = coef_mul(step_size, updates.scale) if isinstance(updates, Quotient) else None
+        if isinstance(updates, Quotient) and fused is not None and _all_numbers(fused):
+            # p += (-lr * scale) * numerator / denominator in one pass, without writing the direction out.
+            torch._foreach_addcdiv_(targets, updates.numerator, updates.denominator, fused)  # type: ignore[arg-type]
         else:
             ops.add_scaled_(targets, evaluate(updates), step_size)
         if decay and mode == "proximal":

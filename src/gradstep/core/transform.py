@@ -112,14 +112,22 @@ class GroupStep:
         """The state tensor ``name`` of every parameter (created by the core from :meth:`Transform.buffers`)."""
         return [state[name] for state in self.states]
 
-    def per_param(self, values: Tensor) -> list[Tensor]:
-        """Split a vector with one value per parameter into 0-d tensors usable as a coefficient."""
+    def per_param(self, values: Tensor) -> list[Any]:
+        """Split a vector with one value per parameter into a coefficient (one value per tensor).
+
+        The values are 0-d tensors, except for floating-point values on the CPU outside ``torch.compile``: reading
+        those costs no device sync, and plain numbers take torch's scalar fast paths (``addcdiv`` into the parameter,
+        no 0-d tensor per operation). Either way the arithmetic is the same (the kernels cast a scalar to the same
+        compute type).
+        """
         if not len(self):
             return []
         if torch.compiler.is_compiling():
             # Inductor would otherwise inline the scalar math behind these values (pow, sqrt, divisions) into every
             # iteration of the vectorised loops that read them; computed once here, the loops only load a number.
             values = _materialize(values)
+        elif values.device.type == "cpu" and values.is_floating_point():
+            return values.tolist()
         return list(values.unbind(0))
 
     def power(self, base: Any) -> Tensor:

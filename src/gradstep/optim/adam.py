@@ -100,7 +100,7 @@ class ScaleByAdamax(Transform):
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:
         return {"exp_avg": zeros, "exp_inf": zeros}
 
-    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+    def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops = ctx.ops
         beta1, beta2 = ctx.hyper("betas")
         eps = ctx.hyper("eps")
@@ -108,14 +108,14 @@ class ScaleByAdamax(Transform):
         ops.lerp_(exp_avg, updates, 1 - beta1)
         ops.mul_(exp_inf, beta2)
         if ctx.hyper("eps_inside_max"):
-            ops.maximum_(exp_inf, ops.add(ops.abs(updates), eps))
-            denom = exp_inf
-        else:
-            ops.maximum_(exp_inf, ops.abs(updates))
-            denom = ops.add(exp_inf, eps)
-        direction = ops.div(exp_avg, denom)
-        ops.mul_(direction, ctx.per_param(1.0 / ctx.bias_correction(beta1)))
-        return direction
+            bound = ops.abs(updates)
+            ops.add_(bound, eps)
+            ops.maximum_(exp_inf, bound)
+            return ops.quotient(exp_avg, exp_inf, ctx.per_param(1.0 / ctx.bias_correction(beta1)))
+        ops.maximum_(exp_inf, ops.abs(updates))
+        denom = ops.add(exp_inf, eps)
+        ops.mul_(denom, ctx.per_param(ctx.bias_correction(beta1)))
+        return ops.quotient(exp_avg, denom)
 
 
 class Adam(ChainedOptimizer):

@@ -58,7 +58,7 @@ class ScaleByAdaBelief(Transform):
             names["max_exp_avg_var"] = zeros
         return names
 
-    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+    def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops = ctx.ops
         beta1, beta2 = ctx.hyper("betas")
         eps = ctx.hyper("eps")
@@ -68,13 +68,14 @@ class ScaleByAdaBelief(Transform):
         ops.mul_(exp_avg_var, beta2)
         ops.addcmul_(exp_avg_var, residual, residual, 1 - beta2)
         if ctx.hyper("eps_in_belief"):
-            ops.copy_(exp_avg_var, ops.add(exp_avg_var, eps))
+            ops.add_(exp_avg_var, eps)
         second = exp_avg_var
         if ctx.hyper("amsgrad"):
             second = ctx.buffer("max_exp_avg_var")
             ops.maximum_(second, exp_avg_var)
-        denom = adam_denominator(ctx, second, beta2, eps)
-        return ops.div(ops.div(exp_avg, denom), ctx.per_param(ctx.bias_correction(beta1)))
+        denom = adam_denominator(ctx, second, beta2, eps)  # a fresh tensor: scaled in place
+        ops.mul_(denom, ctx.per_param(ctx.bias_correction(beta1)))
+        return ops.quotient(exp_avg, denom)
 
 
 class AdaBelief(ChainedOptimizer):

@@ -136,9 +136,8 @@ class TrustRatio(Transform):
         ratio = (ctx.hyper("trust_coeff") * phi / den).clamp(max=ctx.hyper("max_trust_ratio"))
         if ctx.hyper("trust_zero") == "one":
             ratio = torch.where((phi == 0) | (norm == 0), torch.ones_like(ratio), ratio)
-        coefs = ctx.per_param(ratio)
-        ops.copy_(ctx.buffer("trust_ratio"), coefs)
-        return ops.mul(updates, coefs)
+        ops.copy_(ctx.buffer("trust_ratio"), list(ratio.unbind(0)))
+        return ops.mul(updates, ctx.per_param(ratio))
 
     def __repr__(self) -> str:
         return f"TrustRatio(denominator={self.denominator!r})"

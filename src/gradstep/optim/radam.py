@@ -95,7 +95,7 @@ class ScaleByRAdam(Transform):
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:
         return {"exp_avg": zeros, "exp_avg_sq": zeros}
 
-    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+    def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops = ctx.ops
         beta1, beta2 = ctx.hyper("betas")
         eps, beta = ctx.hyper("eps"), ctx.hyper("beta")
@@ -117,17 +117,19 @@ class ScaleByRAdam(Transform):
             # SAdam smooths the whole denominator s; there is no foreach softplus, it is elementwise anyway.
             den = [F.softplus(s, beta) for s in ops.div(den, ctx.per_param(scale))]
             scale = torch.ones_like(scale)
-        adaptive = ops.div(exp_avg, den)
+        # Every direction below is m / den' with den' a fresh tensor: the core fuses the division into the write.
         if not ctx.hyper("rectify"):
-            return ops.mul(adaptive, ctx.per_param(scale / bc1))
+            ops.mul_(den, ctx.per_param(bc1 / scale))
+            return ops.quotient(exp_avg, den)
         r, on = rectification(ctx.steps, beta2, ctx.hyper("rectify_threshold"))
         if ctx.hyper("force_adaptive_momentum"):
-            return ops.mul(adaptive, ctx.per_param(torch.where(on, r, torch.ones_like(r)) * scale / bc1))
-        # Before rectification the step is bias-corrected momentum. torch.where per parameter (not 0 * adaptive)
-        # keeps a 0/0 of the unused adaptive branch (eps = 0, v = 0) out of the update.
-        return ops.where(
-            ctx.per_param(on), ops.mul(adaptive, ctx.per_param(r * scale / bc1)), ops.div(exp_avg, ctx.per_param(bc1))
-        )
+            ops.mul_(den, ctx.per_param(bc1 / (torch.where(on, r, torch.ones_like(r)) * scale)))
+            return ops.quotient(exp_avg, den)
+        # Before rectification the step is bias-corrected momentum m / bc1, after it r * scale / bc1 * m / den.
+        # torch.where per parameter (not a product with 0) keeps a 0/0 or an infinity of the unused adaptive branch
+        # (eps = 0, v = 0; r = 0) out of the update.
+        ops.mul_(den, ctx.per_param(bc1 / torch.where(on, r * scale, torch.ones_like(r))))
+        return ops.quotient(exp_avg, ops.where(ctx.per_param(on), den, ctx.per_param(bc1)))
 
 
 class ScaleByQHAdam(Transform):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..core.hypers import Hyper, boolean, non_negative, optional_positive
-from ..core.ops import TensorList
+from ..core.ops import Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
 from ..core.reductions import tensor_dots, tensor_numels
 from ..core.registry import Entry, register
@@ -62,7 +62,7 @@ class ScaleByTAdam(Transform):
         names["W_t"] = initial_weight
         return names
 
-    def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
+    def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops = ctx.ops
         beta1, beta2 = ctx.hyper("betas")
         eps, dof = ctx.hyper("eps"), ctx.hyper("dof")
@@ -86,8 +86,9 @@ class ScaleByTAdam(Transform):
         if ctx.hyper("amsgrad"):
             second = ctx.buffer("max_exp_avg_sq")
             ops.maximum_(second, exp_avg_sq)
-        denom = adam_denominator(ctx, second, beta2, eps)
-        return ops.div(ops.div(exp_avg, denom), ctx.per_param(ctx.bias_correction(beta1)))
+        denom = adam_denominator(ctx, second, beta2, eps)  # a fresh tensor: scaled in place
+        ops.mul_(denom, ctx.per_param(ctx.bias_correction(beta1)))
+        return ops.quotient(exp_avg, denom)
 
 
 class TAdam(ChainedOptimizer):
