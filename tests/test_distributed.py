@@ -10,8 +10,11 @@ One group of 2 ranks is spawned once for the whole file (spawning per optimizer 
 * the non-finite policy: a NaN in one rank's shard makes ``"skip"`` skip on every rank, ``"error"`` raise on every
   rank, naming the parameter and the rank.
 * DDP and ``ZeroRedundancyOptimizer(optimizer_class=...)`` for a few optimizers (per-tensor reductions among them).
-* distributed checkpoints (``get/set_optimizer_state_dict``): a round trip leaves the state and ``global_step``
-  unchanged, and a resumed optimizer continues bitwise.
+* distributed checkpoints (``get/set_optimizer_state_dict``, also flattened): a round trip leaves the state and the
+  step counters unchanged (``global_step``; the wrappers' ``fast_steps`` and their inner optimizer's state), and a
+  resumed optimizer continues bitwise.
+* the rai transforms in a user's chain with blocks that span the split dim (``param_ndim=None``: each block is a whole
+  tensor; ``param_ndim=1``: the 1-D parameters' blocks are), against the single process.
 
 A second group, of 4 ranks, is spawned once for a subset of the optimizers (each sharding kind, and the per-tensor and
 whole-tensor reductions of both kinds of wrappers): 2 rows of the batch per rank, and the last layer's 5 rows split
@@ -34,7 +37,7 @@ import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -42,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import gradstep  # noqa: F401  (registers the optimizers)
+import gradstep
 from gradstep.core import registry
 from gradstep.core.nonfinite import NonFiniteError
 from gradstep.core.registry import Entry
@@ -75,7 +78,12 @@ FSDP4_NAMES = (
 )
 # Optimizers also run under DDP and ZeRO: elementwise and per-tensor-reduction ones.
 DDP_NAMES = ("adamw", "lamb", "adamp", "lars", "tadam")
-DCP_NAMES = ("adam", "lamb")
+DCP_NAMES = ("adam", "lamb", "lookahead", "scout", "ranger")
+# Also through DCP's flattened form (StateDictOptions(flatten_optimizer_state_dict=True)), which rebuilds the state
+# from the live optimizer's keys.
+DCP_FLAT_NAMES = ("adam", "lookahead", "scout", "ranger")
+DCP_CASES = (*DCP_NAMES, *(f"{name}/flat" for name in DCP_FLAT_NAMES))
+CHAIN_PARAM_NDIMS = (None, 1)
 TOL = 1e-10  # float64: rounding differences are ~1e-15
 
 
@@ -133,6 +141,26 @@ def _reference(name: str, steps: int) -> tuple[torch.Tensor, ...]:
     try:
         model = make_model()
         train(model, build(registry.get(name), model.parameters()), make_batches(steps), slice(None))
+    finally:
+        torch.set_num_threads(threads)
+    return tuple(p.detach() for p in model.parameters())
+
+
+def build_chain(params: Any, param_ndim: int | None) -> torch.optim.Optimizer:
+    """A user's chain of the rai transforms, each reducing over blocks of ``param_ndim``."""
+    from gradstep.paramtransform.transforms import L2BallProjection, LpNormedGradient, TopQGradient
+
+    transforms = (TopQGradient(), LpNormedGradient(p=2), L2BallProjection())
+    return gradstep.chain(params, *transforms, lr=0.05, q=0.3, epsilon=1.0, param_ndim=param_ndim)
+
+
+@functools.cache
+def chain_reference(param_ndim: int | None) -> tuple[torch.Tensor, ...]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as _reference
+    try:
+        model = make_model()
+        train(model, build_chain(model.parameters(), param_ndim), make_batches(STEPS), slice(None))
     finally:
         torch.set_num_threads(threads)
     return tuple(p.detach() for p in model.parameters())
@@ -197,6 +225,46 @@ def _fsdp_all(rank: int, world: int, mesh: Any, entries: list[Entry], steps: int
     return results
 
 
+def _chains(rank: int, mesh: Any) -> dict[Any, Any]:
+    results: dict[Any, Any] = {}
+    for param_ndim in CHAIN_PARAM_NDIMS:
+
+        def run(param_ndim: int | None = param_ndim) -> list[torch.Tensor]:
+            model = _fsdp_model(mesh)
+            train(model, build_chain(model.parameters(), param_ndim), make_batches(STEPS), _my_rows(rank))
+            return _full(model)
+
+        _attempt(results, param_ndim, run)
+
+    def unsupported() -> dict[str, str]:
+        # Weights placed as Shard(1): a whole-tensor top-k cannot be rebuilt from the shards in rank order, and a row
+        # of a -1 block is split; both must refuse (on every rank alike), never use the local part.
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
+
+        from gradstep.paramtransform.transforms import LpNormedGradient, TopQGradient
+
+        messages = {}
+        for name, transform, hypers in (
+            ("TopQGradient", TopQGradient(), {"q": 0.3, "param_ndim": None}),
+            ("LpNormedGradient", LpNormedGradient(), {"param_ndim": -1}),
+        ):
+            torch.manual_seed(0)
+            model = torch.nn.Linear(4, 6).double()
+            fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 else Shard(0))
+            opt = gradstep.chain(model.parameters(), transform, lr=0.1, **hypers)
+            model(torch.ones(3, 4, dtype=torch.float64)).sum().backward()
+            try:
+                opt.step()
+                messages[name] = "stepped"
+            except NotImplementedError as exc:
+                messages[name] = str(exc)
+        return messages
+
+    _attempt(results, "unsupported", unsupported)
+    return results
+
+
 def _nonfinite(rank: int, mesh: Any) -> dict[str, Any]:
     """A NaN in rank 1's shard only: what each policy does on each rank."""
     out: dict[str, Any] = {}
@@ -243,12 +311,29 @@ def _ddp_and_zero(rank: int) -> dict[str, Any]:
 
 
 def _state_copy(opt: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+    """Every parameter's state, gathered; for a wrapper also its inner optimizer's (keys ``inner.<key>``)."""
+
     def full(v: Any) -> Any:
         if hasattr(v, "full_tensor"):
             return v.full_tensor().clone()
         return v.clone() if isinstance(v, torch.Tensor) else v
 
-    return {i: {k: full(v) for k, v in opt.state[p].items()} for i, p in enumerate(opt.param_groups[0]["params"])}
+    inner = getattr(opt, "inner", None)
+    out = {}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        # A wrapper's state shows its inner optimizer's as a live view (not a copy): it is read from the inner one.
+        entry = {k: full(v) for k, v in opt.state[p].items() if not isinstance(v, Mapping)}
+        if inner is not None:
+            entry.update({f"inner.{k}": full(v) for k, v in inner.state[p].items()})
+        out[i] = entry
+    return out
+
+
+def _steps(opt: Any) -> tuple[int, ...]:
+    """The step counters: ``global_step``; for a wrapper ``fast_steps`` and its inner optimizer's ``global_step``."""
+    if hasattr(opt, "fast_steps"):
+        return (opt.fast_steps, opt.inner.global_step)
+    return (opt.global_step,)
 
 
 def _dcp(rank: int, mesh: Any) -> dict[str, Any]:
@@ -263,25 +348,29 @@ def _dcp(rank: int, mesh: Any) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     batches = make_batches(8)
-    for name in DCP_NAMES:
+    for case in DCP_CASES:
+        name, _, form = case.partition("/")
         entry = registry.get(name)
+        options = StateDictOptions(flatten_optimizer_state_dict=form == "flat")
 
-        def run(entry: Entry = entry) -> dict[str, Any]:
+        def run(entry: Entry = entry, options: StateDictOptions = options) -> dict[str, Any]:
             model = _fsdp_model(mesh)
             opt = build(entry, model.parameters())
             train(model, opt, batches[:5], _my_rows(rank))
-            before, steps_before = _state_copy(opt), opt.global_step
+            before, steps_before = _state_copy(opt), _steps(opt)
             model_state: dict[str, Any] = dict(get_model_state_dict(model))
             msd = {k: v.full_tensor().clone() for k, v in model_state.items()}
-            osd = get_optimizer_state_dict(model, opt)
-            set_optimizer_state_dict(model, opt, osd)
-            round_trip, steps_round_trip = _state_copy(opt), opt.global_step
+            osd = get_optimizer_state_dict(model, opt, options=options)
+            set_optimizer_state_dict(model, opt, osd, options=options)
+            round_trip, steps_round_trip = _state_copy(opt), _steps(opt)
             # Resume: a fresh model and optimizer (state allocated by init_state, so DCP takes no dummy step).
             fresh = _fsdp_model(mesh)
             set_model_state_dict(fresh, msd, options=StateDictOptions(full_state_dict=True))
             resumed = build(entry, fresh.parameters())
             resumed.init_state()  # type: ignore[attr-defined]
-            set_optimizer_state_dict(fresh, resumed, get_optimizer_state_dict(model, opt))
+            set_optimizer_state_dict(
+                fresh, resumed, get_optimizer_state_dict(model, opt, options=options), options=options
+            )
             train(model, opt, batches[5:], _my_rows(rank))
             train(fresh, resumed, batches[5:], _my_rows(rank))
             return {
@@ -289,11 +378,12 @@ def _dcp(rank: int, mesh: Any) -> dict[str, Any]:
                 "round_trip": round_trip,
                 "continued": _full(model),
                 "resumed": _full(fresh),
-                # global_step (kept in the state_dict's "gradstep" entry, which DCP's state dicts may not carry)
-                "global_step": (steps_before, steps_round_trip, opt.global_step, resumed.global_step),
+                # The counters (gradstep's global_step is in the "gradstep" entry, which DCP's state dicts drop; the
+                # wrappers' fast_steps are per-parameter state).
+                "steps": (steps_before, steps_round_trip, _steps(opt), _steps(resumed)),
             }
 
-        _attempt(out, name, run)
+        _attempt(out, case, run)
     return out
 
 
@@ -325,6 +415,8 @@ def _reductions(mesh: Any) -> dict[str, list[torch.Tensor]]:
         "split_row_means": (red.row_means, (batched,), (full_batched,)),
         "split_keep_top_k": (red.keep_top_k, (batched, [5]), (full_batched, [5])),
         "split_row_signed_argmax": (red.row_signed_argmax, (batched,), (full_batched,)),
+        "tensor_keep_top_k": (red.tensor_keep_top_k, (shard, [7, 3, 2]), (full, [7, 3, 2])),
+        "declared_tensor_keep_top_k": (_declared_keep_top_k, (shard, [7, 3, 2]), (full, [7, 3, 2])),
     }
     out = {}
     for name, (fn, sharded_args, full_args) in cases.items():
@@ -333,6 +425,23 @@ def _reductions(mesh: Any) -> dict[str, list[torch.Tensor]]:
         expected = list(expected) if isinstance(expected, list) else [expected]
         out[name] = [_whole(g) for g in got] + [e.clone() for e in expected]
     return out
+
+
+def _declared_keep_top_k(xs: list[Any], ks: list[int]) -> list[Any]:
+    """tensor_keep_top_k of the local shards of ``xs`` declared by sharded_as (as the core steps DTensors), each
+    rank's result put back into a DTensor; of plain tensors, as it is."""
+    from torch.distributed.tensor import DTensor
+
+    from gradstep.core import reductions as red
+
+    if not isinstance(xs[0], DTensor):
+        return red.tensor_keep_top_k(xs, ks)
+    with red.sharded_as(xs):
+        kept = red.tensor_keep_top_k([x.to_local() for x in xs], ks)
+    return [
+        DTensor.from_local(k, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
+        for k, x in zip(kept, xs)
+    ]
 
 
 def _whole(x: torch.Tensor) -> torch.Tensor:
@@ -354,6 +463,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
             _attempt(results, "nonfinite", functools.partial(_nonfinite, rank, mesh))
             _attempt(results, "ddp", functools.partial(_ddp_and_zero, rank))
             _attempt(results, "dcp", functools.partial(_dcp, rank, mesh))
+            _attempt(results, "chain", functools.partial(_chains, rank, mesh))
             _attempt(results, "fsdp", functools.partial(_fsdp_all, rank, world, mesh, ENTRIES, STEPS))
         else:  # the 4-rank group: the FSDP2 subset only
             subset = [registry.get(name) for name in FSDP4_NAMES]
@@ -456,7 +566,8 @@ def test_every_entry_declares_a_sharding_kind() -> None:
 
 REDUCTIONS = (
     "tensor_norms tensor_norms_inf tensor_norms_1 tensor_sums tensor_dots tensor_numels global_norm row_norms row_dots "
-    "row_means split_row_norms split_row_l1_norms split_row_means split_keep_top_k split_row_signed_argmax"
+    "row_means split_row_norms split_row_l1_norms split_row_means split_keep_top_k split_row_signed_argmax "
+    "tensor_keep_top_k declared_tensor_keep_top_k"
 ).split()
 
 
@@ -493,24 +604,48 @@ def test_ddp_and_zero_match_single_process(ranks: list[dict[str, Any]], kind: st
         assert max_difference(_ok(_ok(r["ddp"])[f"{kind}/{name}"]), expected) < TOL
 
 
-@pytest.mark.parametrize("name", DCP_NAMES)
-def test_dcp_round_trip_keeps_state_and_resume_is_bitwise(ranks: list[dict[str, Any]], name: str) -> None:
+@pytest.mark.parametrize("case", DCP_CASES)
+def test_dcp_round_trip_keeps_state_and_resume_is_bitwise(ranks: list[dict[str, Any]], case: str) -> None:
     for r in ranks:
-        result = _ok(_ok(r["dcp"])[name])
+        result = _ok(_ok(r["dcp"])[case])
         before, after = result["before"], result["round_trip"]
         assert before.keys() == after.keys()
         for i in before:
             assert before[i].keys() == after[i].keys()
             for key in before[i]:
                 assert torch.equal(before[i][key], after[i][key]), (i, key)
+        if case.split("/")[0] in ("lookahead", "scout", "ranger"):
+            # The round trip carried the inner optimizer's state, not only the wrapper's slow weights.
+            assert {"slow_param", "fast_steps", "inner.step"} <= set(before[0])
         for continued, resumed in zip(result["continued"], result["resumed"]):
             assert torch.equal(continued, resumed)
 
 
-@pytest.mark.parametrize("name", DCP_NAMES)
-def test_dcp_round_trip_and_resume_keep_global_step(ranks: list[dict[str, Any]], name: str) -> None:
+@pytest.mark.parametrize("case", DCP_CASES)
+def test_dcp_round_trip_and_resume_keep_the_step_counters(ranks: list[dict[str, Any]], case: str) -> None:
     for r in ranks:
-        before, round_trip, continued, resumed = _ok(_ok(r["dcp"])[name])["global_step"]
-        assert (before, continued) == (5, 8)  # 5 steps before the checkpoint, 3 after
+        before, round_trip, continued, resumed = _ok(_ok(r["dcp"])[case])["steps"]
+        # 5 steps before the checkpoint, 3 after; a wrapper's counters are fast_steps and the inner global_step.
+        assert set(before) == {5} and set(continued) == {8}
         assert round_trip == before
         assert resumed == continued
+
+
+@pytest.mark.parametrize("param_ndim", CHAIN_PARAM_NDIMS)
+def test_rai_transforms_in_a_chain_with_blocks_spanning_the_split_dim_match_single_process(
+    ranks: list[dict[str, Any]], param_ndim: int | None
+) -> None:
+    expected = list(chain_reference(param_ndim))
+    for r in ranks:
+        got = _ok(_ok(r["chain"])[param_ndim])
+        assert max_difference(got, expected) < TOL
+    assert max_difference(expected, [p.detach() for p in make_model().parameters()]) > 1e-4
+
+
+def test_rai_transforms_in_a_chain_refuse_a_sharding_they_cannot_reduce_naming_themselves(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for r in ranks:
+        messages = _ok(_ok(r["chain"])["unsupported"])
+        assert messages["TopQGradient"].startswith("TopQGradient with param_ndim=None")
+        assert messages["LpNormedGradient"].startswith("LpNormedGradient with param_ndim=-1")

@@ -436,12 +436,198 @@ def test_state_dicts_of_other_optimizers_are_refused_and_change_nothing() -> Non
         )
     with pytest.raises(ValueError, match="Invalid k"):
         opt.load_state_dict({**opt.state_dict(), "gradstep": {**opt.state_dict()["gradstep"], "k": 0}})
+    assert_unchanged(before, opt)
+
+
+def assert_unchanged(before: dict[str, Any], opt: torch.optim.Optimizer) -> None:
+    """The optimizer's state_dict is still ``before`` (its slow weights, counter, settings and inner state)."""
     after = opt.state_dict()
     assert before["gradstep"] == after["gradstep"] and before["param_groups"] == after["param_groups"]
+    assert before["state"].keys() == after["state"].keys()
     for pid, state in before["state"].items():
+        assert state.keys() == after["state"][pid].keys()
         assert torch.equal(state["slow_param"], after["state"][pid]["slow_param"])
-    for pid, state in before["inner"]["state"].items():
-        assert torch.equal(state["momentum_buffer"], after["inner"]["state"][pid]["momentum_buffer"])
+        assert torch.equal(state["fast_steps"], after["state"][pid]["fast_steps"])
+        assert torch.equal(state["inner"]["momentum_buffer"], after["state"][pid]["inner"]["momentum_buffer"])
+
+
+def without_gradstep_entry(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state_dict as torch.distributed.checkpoint hands it back: its "state" and "param_groups" only."""
+    return {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
+
+
+def test_state_dict_holds_the_inner_state_and_the_counter_per_parameter() -> None:
+    params = params_of()
+    opt = Lookahead(gradstep.Adam(params, lr=0.05), k=4)
+    drive(opt, params, range(1, 6))
+    sd, inner_sd = opt.state_dict(), opt.inner.state_dict()
+    assert set(sd) == {"state", "param_groups", "gradstep"}
+    assert sd["param_groups"] == inner_sd["param_groups"]  # the wrapper's groups are the inner optimizer's
+    assert set(sd["state"]) == set(inner_sd["state"]) == {0, 1, 2}
+    for pid, entry in sd["state"].items():
+        assert set(entry) == {"slow_param", "fast_steps", "inner"}
+        assert entry["fast_steps"].dtype == torch.int64 and int(entry["fast_steps"]) == 5
+        assert entry["inner"].keys() == inner_sd["state"][pid].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for key, value in entry["inner"].items():
+            assert torch.equal(value, inner_sd["state"][pid][key])
+    assert sd["gradstep"]["inner_extra"] == {"gradstep": {"optimizer": "Adam", "global_step": 5}}
+
+
+def test_the_live_state_lists_the_counter_and_shows_the_inner_state() -> None:
+    params = params_of()
+    opt = Lookahead(gradstep.SGD(params, lr=0.1, momentum=0.9), k=3)
+    drive(opt, params, range(1, 3))
+    for p in params:
+        assert set(opt.state[p]) == {"slow_param", "fast_steps", "inner"}
+        assert int(opt.state[p]["fast_steps"]) == opt.fast_steps == 2
+    # The view follows the inner optimizer's state, also once it was replaced.
+    other = params_of()
+    source = gradstep.SGD(other, lr=0.1, momentum=0.9)
+    drive(source, other, range(1, 5))
+    opt.inner.load_state_dict(source.state_dict())
+    for p, q in zip(params, other):
+        assert opt.state[p]["inner"]["momentum_buffer"] is opt.inner.state[p]["momentum_buffer"]
+        assert torch.equal(opt.state[p]["inner"]["momentum_buffer"], source.state[q]["momentum_buffer"])
+    drive(opt, params, range(3, 4))
+    assert int(opt.state[params[0]]["fast_steps"]) == 3
+
+
+DCP_BUILDERS = ("lookahead-torch-adamw", "lookahead-pullback", "scout", "ranger")
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+@pytest.mark.parametrize("name", DCP_BUILDERS)
+def test_distributed_checkpoint_state_dicts_resume_bitwise(name: str, flatten: bool) -> None:
+    # get/set_optimizer_state_dict in one process: the ids become parameter names and the "gradstep" entry is
+    # dropped; flattened, the state is rebuilt from the live optimizer's keys. The resumed optimizer is fresh, so DCP
+    # first takes its zero-gradient, zero-lr step (the counter must then come from the checkpoint).
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    build = BUILDERS[name]
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    straight = params_of()
+    drive(build(straight), straight, range(1, 12))
+
+    source_params = params_of()
+    source = build(source_params)
+    drive(source, source_params, range(1, 7))
+    saved = get_optimizer_state_dict(torch.nn.ParameterList(source_params), source, options=options)
+    assert "gradstep" not in saved and "inner" not in saved
+    if not flatten:
+        assert {"slow_param", "fast_steps", "inner"} <= set(saved["state"]["0"])
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in source_params]
+    resumed = build(resumed_params)
+    set_optimizer_state_dict(torch.nn.ParameterList(resumed_params), resumed, saved, options=options)
+    assert resumed.fast_steps == 6
+    drive(resumed, resumed_params, range(7, 12))
+    for want, got in zip(straight, resumed_params):
+        assert torch.equal(want.detach(), got.detach())
+
+
+def earlier_layout(opt: Lookahead, params: Sequence[Tensor]) -> dict[str, Any]:
+    """The state_dict layout written before the inner state moved into the per-parameter entries: the wrapper's own
+    tensors per parameter, the inner optimizer's whole state_dict under "inner", the counter in "gradstep" only."""
+    own = ("slow_param",) + (
+        ("prev_param", "delta_mean", "delta_m2", "delta_max", "delta_min") if isinstance(opt, Scout) else ()
+    )
+    return {
+        "state": {i: {k: opt.state[p][k] for k in own} for i, p in enumerate(params)},
+        "param_groups": opt.inner.state_dict()["param_groups"],
+        "inner": opt.inner.state_dict(),
+        "gradstep": {
+            "optimizer": type(opt).__name__,
+            "inner": type(opt.inner).__name__,
+            "fast_steps": opt.fast_steps,
+            "k": opt.k,
+            "alpha": opt.alpha,
+            "slow_copy": opt.slow_copy,
+            "pullback_momentum": opt.pullback_momentum,
+            "momentum_keys": list(opt.momentum_keys),
+        },
+    }
+
+
+@pytest.mark.parametrize("name", ["lookahead-gradstep-construction", "scout"])
+def test_state_dicts_of_the_earlier_layout_load_and_resume_bitwise(name: str) -> None:
+    build = BUILDERS[name]
+    straight = params_of()
+    drive(build(straight), straight, range(1, 12))
+    source_params = params_of()
+    source = build(source_params)
+    drive(source, source_params, range(1, 7))
+    buffer = io.BytesIO()
+    torch.save(earlier_layout(source, source_params), buffer)
+    buffer.seek(0)
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in source_params]
+    resumed = build(resumed_params)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.fast_steps == 6 and resumed.inner.global_step == 6
+    drive(resumed, resumed_params, range(7, 12))
+    for want, got in zip(straight, resumed_params):
+        assert torch.equal(want.detach(), got.detach())
+
+
+def test_state_dicts_without_the_gradstep_entry_are_checked_and_refused_when_foreign() -> None:
+    params = params_of()
+    opt = Lookahead(gradstep.SGD(params, lr=0.1, momentum=0.9), k=3)
+    drive(opt, params, range(1, 3))
+    before = copy.deepcopy(opt.state_dict())
+
+    other = params_of()
+    sgd = gradstep.SGD(other, lr=0.1, momentum=0.9)
+    drive(sgd, other, range(1, 3))
+    with pytest.raises(ValueError, match="not by Lookahead.*inner.load_state_dict"):
+        opt.load_state_dict(without_gradstep_entry(sgd.state_dict()))
+    scout = Scout(gradstep.SGD(other, lr=0.1, momentum=0.9), k=3)
+    drive(scout, other, range(1, 3))
+    with pytest.raises(ValueError, match="has delta_m2.*which Lookahead does not keep"):
+        opt.load_state_dict(without_gradstep_entry(scout.state_dict()))
+    with pytest.raises(ValueError, match="lacks delta_m2, .*prev_param"):
+        Scout(gradstep.SGD(params_of(), lr=0.1, momentum=0.9), k=3).load_state_dict(
+            without_gradstep_entry(opt.state_dict())
+        )
+    adam = Lookahead(gradstep.Adam(other, lr=0.1), k=3)
+    drive(adam, other, range(1, 3))
+    with pytest.raises(ValueError, match="lacks"):  # the inner SGD refuses Adam's groups
+        opt.load_state_dict(without_gradstep_entry(adam.state_dict()))
+    disagreeing = without_gradstep_entry(copy.deepcopy(opt.state_dict()))
+    disagreeing["state"][1]["fast_steps"] = torch.tensor(7)
+    with pytest.raises(ValueError, match=r"different fast_steps \[2, 7\]"):
+        opt.load_state_dict(disagreeing)
+    assert_unchanged(before, opt)
+
+
+class BoxedSGD(torch.optim.SGD):
+    """An optimizer whose state_dict is not laid out as torch's (it sits in a box)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"box": super().state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict["box"])
+
+
+def test_an_inner_state_dict_not_laid_out_as_torchs_is_kept_whole_and_round_trips() -> None:
+    def build(ps: list[Tensor]) -> Lookahead:
+        return Lookahead(BoxedSGD(ps, lr=0.05, momentum=0.9), k=4)
+
+    straight = params_of()
+    drive(build(straight), straight, range(1, 12))
+    source_params = params_of()
+    source = build(source_params)
+    drive(source, source_params, range(1, 7))
+    sd = source.state_dict()
+    assert set(sd["inner"]) == {"box"} and set(sd["state"][0]) == {"slow_param"}
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in source_params]
+    resumed = build(resumed_params)
+    resumed.load_state_dict(sd)
+    drive(resumed, resumed_params, range(7, 12))
+    for want, got in zip(straight, resumed_params):
+        assert torch.equal(want.detach(), got.detach())
 
 
 def test_holocrons_state_dict_crashes_on_torch_2_where_gradsteps_round_trips() -> None:
@@ -642,9 +828,9 @@ def test_init_state_and_clear_state() -> None:
     params = params_of()
     opt = Scout(gradstep.SGD(params, lr=0.1, momentum=0.9), k=3)
     opt.init_state()
-    assert all(set(opt.state[p]) == {"slow_param", "prev_param", "delta_mean", "delta_m2", "delta_max", "delta_min"}
-               for p in params)  # fmt: skip
-    assert all("momentum_buffer" in opt.inner.state[p] for p in params)
+    stats = {"prev_param", "delta_mean", "delta_m2", "delta_max", "delta_min"}
+    assert all(set(opt.state[p]) == {"slow_param", "fast_steps", "inner", *stats} for p in params)
+    assert all("momentum_buffer" in opt.inner.state[p] and "momentum_buffer" in opt.state[p]["inner"] for p in params)
     drive(opt, params, range(1, 3))
     opt.clear_state()
     assert opt.fast_steps == 0 and not opt.state and not opt.inner.state and opt.inner.global_step == 0

@@ -28,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "global_norm",
+    "is_split",
     "keep_top_k",
     "row_dots",
     "row_lp_norms",
@@ -36,6 +37,7 @@ __all__ = [
     "row_signed_argmax",
     "sharded_as",
     "tensor_dots",
+    "tensor_keep_top_k",
     "tensor_norms",
     "tensor_numels",
     "tensor_sums",
@@ -110,6 +112,18 @@ def _shardings(xs: Sequence[Tensor]) -> list[_Sharding] | None:
             "its sharding is unknown"
         )
     return declared
+
+
+def is_split(xs: Sequence[Tensor]) -> list[bool]:
+    """Whether each of ``xs`` (DTensors, or local shards declared by :func:`sharded_as`) is split over ranks.
+
+    A reduction over the whole of such a tensor needs the other ranks' parts: a batched view ``(1, *local_shape)``
+    of a local shard is only this rank's part of a block that spans the split dim. Every rank gets the same answer.
+    """
+    shardings = _shardings(xs)
+    if shardings is None:
+        return [False] * len(xs)
+    return [bool(groups) for groups, _ in shardings]
 
 
 def _all_reduce(partials: Tensor, shardings: list[_Sharding] | None, op: str) -> Tensor:
@@ -335,15 +349,77 @@ def keep_top_k(xs: Sequence[Tensor], ks: Sequence[int]) -> list[Tensor]:
     gathered = _gathered(keep_top_k, [xs, ks], same_shape=True)
     if gathered is not None:
         return gathered
-    out = []
-    for x, k in zip(_check_rows(xs), ks):
-        flat = _rows(x)
-        kept = torch.zeros_like(flat)
-        if k > 0 and flat.numel() > 0:
-            idx = torch.topk(flat.abs(), k, dim=1).indices
-            kept.scatter_(1, idx, flat.gather(1, idx))
-        out.append(kept.view(x.shape))
+    out = [_keep_row_top_k(x, k) for x, k in zip(_check_rows(xs), ks)]
     return [_like_rows(o, x, tuple(x.shape)) for o, x in zip(out, xs)]
+
+
+def _keep_row_top_k(x: Tensor, k: int) -> Tensor:
+    flat = _rows(x)
+    kept = torch.zeros_like(flat)
+    if k > 0 and flat.numel() > 0:
+        idx = torch.topk(flat.abs(), k, dim=1).indices
+        kept.scatter_(1, idx, flat.gather(1, idx))
+    return kept.view(x.shape)
+
+
+def tensor_keep_top_k(xs: Sequence[Tensor], ks: Sequence[int]) -> list[Tensor]:
+    """Copies of tensors keeping the ``ks[i]`` largest-magnitude entries of the whole of ``xs[i]``, zeros elsewhere.
+
+    The selection of :func:`keep_top_k` on the one-row view ``x.reshape(1, numel)`` (ties broken by ``torch.topk``
+    over the entries in row-major order). Sharded tensors: the selection is made on the whole tensor, gathered, so it
+    is the unsharded one; each rank gets its own part of the result (a DTensor placed like the input, or the local
+    shard of a tensor declared by :func:`sharded_as`). Gathering the local shards in rank order rebuilds the tensor
+    only for shards along dim 0 over one mesh dim; other shardings raise ``NotImplementedError``.
+    """
+    shardings = _shardings(xs)
+    out: list[Tensor] = []
+    for i, (x, k) in enumerate(zip(xs, ks)):
+        if _is_dtensor(x):
+            from torch.distributed.tensor import DTensor, Replicate
+
+            whole = _keep_flat_top_k(x.full_tensor(), k)  # type: ignore[attr-defined]
+            mesh = x.device_mesh  # type: ignore[attr-defined]
+            replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
+            out.append(replicated.redistribute(mesh, x.placements))  # type: ignore[attr-defined]
+            continue
+        groups, splits_rows = shardings[i] if shardings is not None else _WHOLE
+        if not groups:
+            out.append(_keep_flat_top_k(x, k))
+            continue
+        if splits_rows or len(groups) != 1:
+            raise NotImplementedError(
+                "a top-k selection over a whole tensor whose local shards are not split along dim 0 over one mesh dim"
+            )
+        full, start = _gather_flat(x, groups[0])
+        out.append(_keep_flat_top_k(full, k)[start : start + x.numel()].view(x.shape))
+    return out
+
+
+def _keep_flat_top_k(x: Tensor, k: int) -> Tensor:
+    return _keep_row_top_k(x.reshape(1, x.numel()), k).view(x.shape)
+
+
+def _gather_flat(x: Tensor, group: Any) -> tuple[Tensor, int]:
+    """The whole tensor, flattened in row-major order, from every rank's local shard ``x`` (split along dim 0 over
+    ``group``, possibly unevenly: FSDP2's last ranks may hold fewer rows, or none); and where this rank's part starts.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    flat = x.reshape(-1)
+    count = torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device)
+    counts_t = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts_t, count, group=group)
+    counts = [int(c) for c in counts_t]
+    start = sum(counts[: dist.get_rank(group)])
+    width = max(counts)
+    if width == 0:
+        return flat.clone(), start
+    padded = flat.new_zeros(width)  # all_gather needs equal sizes on every rank
+    padded[: flat.numel()] = flat
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]), start
 
 
 def row_signed_argmax(xs: Sequence[Tensor]) -> list[Tensor]:
