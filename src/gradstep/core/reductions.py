@@ -210,10 +210,14 @@ def tensor_norms(xs: Sequence[Tensor], ord: float = 2.0) -> Tensor:
     A zero-size tensor has norm 0 (``_foreach_norm`` refuses the infinity norm of an empty tensor). Sharded tensors
     (see the module's docstring): the norms of the whole tensors, the same on every rank.
     """
+    return _tensor_norms(xs, ord, blas=True)
+
+
+def _tensor_norms(xs: Sequence[Tensor], ord: float, blas: bool) -> Tensor:
     shardings = _shardings(xs)
     if shardings is None:
-        return _local_norms(xs, ord)
-    norms = _local_norms([_local(x) for x in xs], ord)
+        return _local_norms(xs, ord, blas)
+    norms = _local_norms([_local(x) for x in xs], ord, blas)
     if ord == math.inf:
         return _all_reduce(norms, shardings, "max")
     if not 0 < ord < math.inf:
@@ -221,17 +225,31 @@ def tensor_norms(xs: Sequence[Tensor], ord: float = 2.0) -> Tensor:
     return _all_reduce(norms**ord, shardings, "sum") ** (1.0 / ord)
 
 
-def _local_norms(xs: Sequence[Tensor], ord: float) -> Tensor:
+def _local_norms(xs: Sequence[Tensor], ord: float, blas: bool) -> Tensor:
     if not xs:
         return torch.zeros(0)
     if all(x.numel() > 0 for x in xs):
+        if blas and ord == 2 and _blas_ready(xs):
+            # A BLAS dot product reads a tensor about twice as fast as the norm kernel on the CPU.
+            return torch.stack([torch.dot(x.view(-1), x.view(-1)) for x in xs]).sqrt()
         return torch.stack([_wide(n) for n in torch._foreach_norm(list(xs), ord)])
     filled = [i for i, x in enumerate(xs) if x.numel() > 0]
     norms = torch.zeros(len(xs), dtype=_wide(xs[0]).dtype if xs[0].is_floating_point() else torch.float32)
     norms = norms.to(xs[0].device)
     if filled:
-        norms[filled] = _local_norms([xs[i] for i in filled], ord).to(norms.dtype)
+        norms[filled] = _local_norms([xs[i] for i in filled], ord, blas).to(norms.dtype)
     return norms
+
+
+def _blas_ready(xs: Sequence[Tensor]) -> bool:
+    """Plain contiguous float32/float64 CPU tensors of one dtype (also under torch.compile, where the dot product
+    measured faster than the compiled norm too)."""
+    dtype = xs[0].dtype
+    return (
+        dtype in (torch.float32, torch.float64)
+        and all(type(x) is Tensor or type(x) is torch.nn.Parameter for x in xs)
+        and all(x.dtype == dtype and x.device.type == "cpu" and x.is_contiguous() for x in xs)
+    )
 
 
 def tensor_sums(xs: Sequence[Tensor]) -> Tensor:
@@ -256,10 +274,11 @@ def tensor_numels(xs: Sequence[Tensor]) -> Tensor:
 
 
 def global_norm(xs: Sequence[Tensor]) -> Tensor:
-    """The L2 norm of all tensors taken together (0-d)."""
+    """The L2 norm of all tensors taken together (0-d), computed as ``torch.nn.utils.clip_grad_norm_`` does (to the
+    bit: clipping by it is torch's)."""
     if not xs:
         return torch.zeros(())
-    return torch.linalg.vector_norm(tensor_norms(xs))
+    return torch.linalg.vector_norm(_tensor_norms(xs, 2.0, blas=False))
 
 
 def tensor_dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
