@@ -143,6 +143,10 @@ class PerTensorOps:
         for i, x in enumerate(xs):
             x.mul_(_at(c, i))
 
+    def div_(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> None:
+        for i, x in enumerate(xs):
+            x.div_(_at(c, i))
+
     def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor] | Coef) -> None:
         for i, x in enumerate(xs):
             x.add_(_at(ys, i))
@@ -232,6 +236,9 @@ class ForeachOps(PerTensorOps):
 
     def mul_(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> None:
         torch._foreach_mul_(list(xs), _coef(c))
+
+    def div_(self, xs: Sequence[Tensor], c: Coef | Sequence[Tensor]) -> None:
+        torch._foreach_div_(list(xs), _coef(c))
 
     def add_(self, xs: Sequence[Tensor], ys: Sequence[Tensor] | Coef) -> None:
         torch._foreach_add_(list(xs), _coef(ys))

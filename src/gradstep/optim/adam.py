@@ -37,7 +37,10 @@ BETAS = Hyper("betas", (0.9, 0.999), beta_pair, "decay rates of the first and se
 def adam_denominator(ctx: GroupStep, second: TensorList, beta2: float, eps: float) -> TensorList:
     """torch-style ``sqrt(second / (1 - beta2^t)) + eps``, written as the originals do: ``sqrt(s)/sqrt(bc2) + eps``."""
     sqrt_bc2 = torch.sqrt(ctx.bias_correction(beta2))
-    return ctx.ops.add(ctx.ops.div(ctx.ops.sqrt(second), ctx.per_param(sqrt_bc2)), eps)
+    denom = ctx.ops.sqrt(second)  # fresh: divided and shifted in place
+    ctx.ops.div_(denom, ctx.per_param(sqrt_bc2))
+    ctx.ops.add_(denom, eps)
+    return denom
 
 
 class ScaleByAdam(Transform):

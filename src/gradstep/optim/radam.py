@@ -106,13 +106,15 @@ class ScaleByRAdam(Transform):
         ones = torch.ones_like(ctx.steps)
         bc1, scale = ones, ones  # the direction is scale / bc1 * m / den
         if not ctx.hyper("bias_correction"):
-            den = ops.add(ops.sqrt(exp_avg_sq), eps)  # both eps modes agree without bias correction
+            den = ops.sqrt(exp_avg_sq)  # both eps modes agree without bias correction
+            ops.add_(den, eps)
         elif ctx.hyper("eps_mode") == "torch":
             bc1, den = ctx.bias_correction(beta1), adam_denominator(ctx, exp_avg_sq, beta2, eps)
         else:
             # TF eps, with torch.optim.RAdam's rounding: sqrt(bc2) * m / (sqrt(v) + eps).
             bc1, scale = ctx.bias_correction(beta1), torch.sqrt(ctx.bias_correction(beta2))
-            den = ops.add(ops.sqrt(exp_avg_sq), eps)
+            den = ops.sqrt(exp_avg_sq)
+            ops.add_(den, eps)
         if beta > 0:
             # SAdam smooths the whole denominator s; there is no foreach softplus, it is elementwise anyway.
             den = [F.softplus(s, beta) for s in ops.div(den, ctx.per_param(scale))]

@@ -67,7 +67,8 @@ class ScaleByRms(Transform):
             mean = grad_avg if correction is None else ops.div(grad_avg, correction)
             second = ops.clone(second)
             ops.addcmul_(second, mean, mean, -1.0)
-        denom = ops.add(ops.sqrt(second), eps)
+        denom = ops.sqrt(second)  # fresh: shifted in place
+        ops.add_(denom, eps)
         if ctx.is_zero("momentum"):
             return ops.quotient(updates, denom)
         buf = ctx.buffer("momentum_buffer")
