@@ -135,7 +135,24 @@ class FrankWolfe(ChainedOptimizer):
 
 
 class _BallFrankWolfe(ParamTransformingOptimizer):
-    """Frank-Wolfe in a ball of radius ``epsilon`` (a group hyperparameter), the inner's ``lmo_scaling_factor``."""
+    """Frank-Wolfe in a ball of radius ``epsilon`` (a group hyperparameter), the inner's ``lmo_scaling_factor``.
+
+    Further keyword ``options`` reach the next class of the MRO (the LMO's gradient transform, e.g. ``q`` of L1q).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        *,
+        epsilon: float,
+        lr: float = 2.0,
+        use_default_lr_schedule: bool = True,
+        param_ndim: int | None = -1,
+        div_by_zero_eps: float = TINY,
+        **options: Any,
+    ) -> None:
+        kwargs = _fw_kwargs(epsilon, lr, use_default_lr_schedule, options)
+        super().__init__(params, FrankWolfe, param_ndim=param_ndim, div_by_zero_eps=div_by_zero_eps, **kwargs)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -166,20 +183,6 @@ class L1FrankWolfe(_BallFrankWolfe):
 
     hypers = (EPSILON,)
 
-    def __init__(
-        self,
-        params: Any,
-        *,
-        epsilon: float,
-        lr: float = 2.0,
-        use_default_lr_schedule: bool = True,
-        param_ndim: int | None = -1,
-        div_by_zero_eps: float = TINY,
-        **options: Any,
-    ) -> None:
-        kwargs = _fw_kwargs(epsilon, lr, use_default_lr_schedule, options)
-        super().__init__(params, FrankWolfe, param_ndim=param_ndim, div_by_zero_eps=div_by_zero_eps, **kwargs)
-
     def _pre_step_transform_(self, param: Tensor, optim_group: dict[str, Any]) -> None:
         if param.grad is not None:
             param.grad.copy_(row_signed_argmax([param.grad])[0])
@@ -190,39 +193,11 @@ class L2FrankWolfe(_BallFrankWolfe, L2NormedGradientOptim):
 
     hypers = (EPSILON,)
 
-    def __init__(
-        self,
-        params: Any,
-        *,
-        epsilon: float,
-        lr: float = 2.0,
-        use_default_lr_schedule: bool = True,
-        param_ndim: int | None = -1,
-        div_by_zero_eps: float = TINY,
-        **options: Any,
-    ) -> None:
-        kwargs = _fw_kwargs(epsilon, lr, use_default_lr_schedule, options)
-        super().__init__(params, FrankWolfe, param_ndim=param_ndim, div_by_zero_eps=div_by_zero_eps, **kwargs)
-
 
 class LinfFrankWolfe(_BallFrankWolfe, SignedGradientOptim):
     """Frank-Wolfe in the Linf ball of radius ``epsilon``: the LMO is ``-sign(g)``."""
 
     hypers = (EPSILON,)
-
-    def __init__(
-        self,
-        params: Any,
-        *,
-        epsilon: float,
-        lr: float = 2.0,
-        use_default_lr_schedule: bool = True,
-        param_ndim: int | None = -1,
-        div_by_zero_eps: float = TINY,
-        **options: Any,
-    ) -> None:
-        kwargs = _fw_kwargs(epsilon, lr, use_default_lr_schedule, options)
-        super().__init__(params, FrankWolfe, param_ndim=param_ndim, div_by_zero_eps=div_by_zero_eps, **kwargs)
 
 
 class L1qFrankWolfe(_BallFrankWolfe, L1qNormedGradientOptim):
@@ -244,14 +219,15 @@ class L1qFrankWolfe(_BallFrankWolfe, L1qNormedGradientOptim):
         generator: torch.Generator | None = None,
         **options: Any,
     ) -> None:
-        kwargs = _fw_kwargs(epsilon, lr, use_default_lr_schedule, options)
         super().__init__(
             params,
-            FrankWolfe,
-            q=q,
-            dq=dq,
+            epsilon=epsilon,
+            lr=lr,
+            use_default_lr_schedule=use_default_lr_schedule,
             param_ndim=param_ndim,
             div_by_zero_eps=div_by_zero_eps,
+            q=q,
+            dq=dq,
             generator=generator,
-            **kwargs,
+            **options,
         )
