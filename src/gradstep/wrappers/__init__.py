@@ -3,10 +3,17 @@
 Each is a ``torch.optim.Optimizer`` sharing the inner optimizer's ``param_groups``, so LR schedulers,
 ``torch.amp.GradScaler`` and gradstep's group tools used on the wrapper reach the inner optimizer. Importing this
 package registers ``lookahead``, ``scout``, ``ranger`` and ``optim_wrapper``.
+
+Modules: :mod:`~gradstep.wrappers.base` (the shared ``param_groups`` plumbing), :mod:`~gradstep.wrappers.inner_state`
+(per-parameter state beside the inner optimizer's, merged state_dict, checks on loading),
+:mod:`~gradstep.wrappers.lookahead`, :mod:`~gradstep.wrappers.scout`, :mod:`~gradstep.wrappers.optim_wrapper`.
 """
 
-from .lookahead import PULLBACK_MODES, SLOW_COPY_MODES, Lookahead, Scout, ranger
-from .optim_wrapper import PYTORCH_HP_MAP, OptimWrapper, WrapperBase
+from .base import WrapperBase
+from .inner_state import StatefulWrapper
+from .lookahead import PULLBACK_MODES, SLOW_COPY_MODES, Lookahead, ranger
+from .optim_wrapper import PYTORCH_HP_MAP, OptimWrapper
+from .scout import Scout
 
 __all__ = [
     "Lookahead",
@@ -15,6 +22,7 @@ __all__ = [
     "PYTORCH_HP_MAP",
     "SLOW_COPY_MODES",
     "Scout",
+    "StatefulWrapper",
     "WrapperBase",
     "ranger",
 ]

@@ -1,4 +1,4 @@
-r"""Lookahead and Scout: slow weights that the fast ones are pulled back to every k steps; fastai's ``ranger``.
+r"""Lookahead: slow weights that the fast ones are pulled back to every k steps; fastai's ``ranger``.
 
 **Lookahead** (Zhang, Lucas, Hinton & Ba, 2019, "Lookahead Optimizer: k steps forward, 1 step back",
 arXiv:1907.08610). The parameters are the *fast* weights :math:`\theta`; every step is a step of the inner optimizer
@@ -7,19 +7,6 @@ on them. The wrapper keeps *slow* weights :math:`\phi` (a copy of the parameters
 .. math::
     \phi \leftarrow \phi + \alpha\,(\theta - \phi),\qquad \theta \leftarrow \phi .
 
-**Scout** (holocron's variant; no paper). The rate of each synchronisation is :math:`r = \max(1 - c, \alpha)`, where
-the *update coherence* c is read from the k updates of the period, :math:`U_i = \theta_i - \theta_{i-1}`
-(:math:`\theta_0` is the value after the previous synchronisation). Element by element,
-
-.. math::
-    s = \sqrt{\tfrac{1}{k-1} \textstyle\sum_i (U_i - \bar U)^2},\qquad d = \max_i |U_i - \bar U|,
-
-each parameter contributes the mean of :math:`s/d` over its elements, and c is the average over parameters.
-holocron's Scout turns c into NaN as soon as one element has :math:`d = 0` (equal updates, e.g. an element that does not
-move, or ``k = 1``), and a NaN rate freezes the model at its slow weights (spec H.10). Here such elements are left out
-of their parameter's mean, a parameter with no element left is left out of the average, and with nothing left
-(``k = 1``, or no element whose updates vary) the rate is :math:`\alpha`, as for Lookahead.
-
 **Pullback momentum** (pytorch_optimizer's ``pullback_momentum``). At a synchronisation with rate r, the inner
 optimizer's momentum buffers b (the state keys listed in ``momentum_keys``) are zeroed (``"reset"``) or pulled back
 like the weights (``"pullback"``): :math:`b \leftarrow \beta + r\,(b - \beta)`, :math:`\beta \leftarrow b`, with slow
@@ -27,14 +14,16 @@ buffers β that start at zero.
 
 **ranger** (fastai's recipe; Wright, 2019): fastai's RAdam (Liu et al., 2020, "On the Variance of the Adaptive
 Learning Rate and Beyond", arXiv:1908.03265) inside Lookahead(k=6, alpha=0.5).
+
+Scout (:mod:`gradstep.wrappers.scout`) is Lookahead with a rate read from the period's updates. The state
+machinery both share (the inner optimizer's state, the merged state_dict, the checks on loading) is
+:class:`gradstep.wrappers.inner_state.StatefulWrapper`.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from copy import deepcopy
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,20 +31,16 @@ from torch import Tensor
 
 from ..core.hypers import REQUIRED, one_of, unit_interval_closed
 from ..core.ops import FOREACH
-from ..core.reductions import tensor_sums
-from ..core.registry import Entry, create, register
-from .optim_wrapper import WrapperBase, copy_tensors
+from ..core.registry import Entry, register
+from .base import build_inner
+from .inner_state import StatefulWrapper
 
-__all__ = ["SLOW_COPY_MODES", "PULLBACK_MODES", "Lookahead", "Scout", "ranger"]
+__all__ = ["SLOW_COPY_MODES", "PULLBACK_MODES", "Lookahead", "ranger"]
 
 SLOW_COPY_MODES = ("first_step", "construction")
 PULLBACK_MODES = ("none", "reset", "pullback")
 SLOW = "slow_param"
 """State key of a parameter's slow copy."""
-INNER = "inner"
-"""State key of the inner optimizer's state of the parameter (a live view; a nested dict in the state_dict)."""
-FAST_STEPS = "fast_steps"
-"""State key of the step counter :attr:`Lookahead.fast_steps` (a 0-d int64 tensor, the same for every parameter)."""
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -81,38 +66,6 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
 }
 
 
-def _validated(name: str, value: Any) -> Any:
-    problem = _CHECKS[name](value)
-    if problem is not None:
-        raise ValueError(f"Invalid {name}: {value!r} ({problem})")
-    return tuple(value) if name == "momentum_keys" else value
-
-
-def _build_inner(owner: str, optimizer: Any, inner: Any, hypers: dict[str, Any]) -> torch.optim.Optimizer:
-    """The optimizer to wrap: ``optimizer`` itself, or one built on the parameters ``optimizer`` by ``inner``."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        if inner is not None or hypers:
-            given = (["inner"] if inner is not None else []) + sorted(hypers)
-            raise TypeError(
-                f"{owner}(optimizer, ...) wraps a built optimizer and takes no inner= or inner hyperparameters "
-                f"(got {', '.join(given)}); give them to the optimizer itself"
-            )
-        return optimizer
-    if inner is None:
-        raise TypeError(
-            f"{owner} needs a torch.optim.Optimizer to wrap, or parameters and inner= (a registry name such as "
-            f"'radam', or an optimizer class); got {type(optimizer).__name__} and no inner"
-        )
-    if isinstance(inner, str):
-        return create(inner, optimizer, **hypers)
-    if callable(inner):
-        built = inner(optimizer, **hypers)
-        if not isinstance(built, torch.optim.Optimizer):
-            raise TypeError(f"inner= built a {type(built).__name__}, not a torch.optim.Optimizer")
-        return built
-    raise TypeError(f"inner= must be a registry name or an optimizer class, got {inner!r}")
-
-
 def _slow_dtype(p: Tensor) -> torch.dtype:
     # Half-precision parameters keep fp32 slow weights: the slow average accumulates differences smaller than a
     # bf16 ulp, as gradstep's optimizers keep fp32 state for them.
@@ -123,67 +76,7 @@ def _as_dtype(xs: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
     return [x if x.dtype == y.dtype else x.to(y.dtype) for x, y in zip(xs, like)]
 
 
-class _InnerState(Mapping[str, Any]):
-    """The inner optimizer's state of one parameter, read live (``wrapper.state[p]["inner"]``).
-
-    It shows ``wrapper.inner.state[p]`` as it is now, also after the inner optimizer's state was replaced. The wrapper's
-    state lists it (and ``fast_steps``) so that it names every key the state_dict holds for the parameter:
-    ``torch.distributed.checkpoint``'s flattened optimizer state dicts load only the keys the live optimizer's state
-    has (``StateDictOptions(flatten_optimizer_state_dict=True)``).
-    """
-
-    __slots__ = ("_optimizer", "_param")
-
-    def __init__(self, optimizer: torch.optim.Optimizer, param: Tensor) -> None:
-        self._optimizer = optimizer
-        self._param = param
-
-    def _now(self) -> Mapping[str, Any]:
-        state = self._optimizer.state.get(self._param)
-        return state if isinstance(state, Mapping) else {}
-
-    def __getitem__(self, key: str) -> Any:
-        return self._now()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._now())
-
-    def __len__(self) -> int:
-        return len(self._now())
-
-    def __repr__(self) -> str:
-        return f"inner state {dict(self._now())!r}"
-
-
-def _mergeable(inner_sd: Any, groups: list[dict[str, Any]]) -> dict[Any, dict[str, Any]] | None:
-    """The inner optimizer's per-parameter state, when its state_dict is laid out as torch's with the wrapper's
-    parameter ids (it is for every torch.optim and gradstep optimizer); None otherwise."""
-    if not isinstance(inner_sd, dict) or not isinstance(inner_sd.get("state"), dict):
-        return None
-    inner_groups = inner_sd.get("param_groups")
-    if not isinstance(inner_groups, list) or [g.get("params") for g in inner_groups] != [g["params"] for g in groups]:
-        return None
-    known = {pid for g in groups for pid in g["params"]}
-    state = inner_sd["state"]
-    if not set(state) <= known or not all(isinstance(v, dict) for v in state.values()):
-        return None
-    return state
-
-
-def _saved_count(value: Any) -> int | None:
-    """A saved ``fast_steps`` (a 0-d tensor, or an int) as an int; None when it is not a count."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            return None
-        number = float(value.reshape(()).item())
-    elif isinstance(value, int) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        return None
-    return int(number) if number >= 0 and number == int(number) else None
-
-
-class Lookahead(WrapperBase):
+class Lookahead(StatefulWrapper):
     r"""Lookahead around any ``torch.optim`` or gradstep optimizer (see the module docstring for the math).
 
     Two ways to build one::
@@ -252,7 +145,7 @@ class Lookahead(WrapperBase):
         tensor([0.9700, 1.9400, 2.9100])
     """
 
-    _PICKLED: tuple[str, ...] = ("_inner", "state", "_settings", "_counters", "_steps_tensor")
+    _SETTING_CHECKS = _CHECKS
 
     def __init__(
         self,
@@ -273,12 +166,7 @@ class Lookahead(WrapperBase):
             "pullback_momentum": pullback_momentum,
             "momentum_keys": momentum_keys,
         }
-        self._settings = {name: _validated(name, value) for name, value in settings.items()}
-        self._attach(_build_inner(type(self).__name__, optimizer, inner, inner_hypers), state=defaultdict(dict))
-        self._counters = {"fast_steps": 0}
-        self._steps_tensor = torch.zeros((), dtype=torch.int64)  # state[p]["fast_steps"] of every parameter
-        for p in self._all_params():
-            self._check_param(p)
+        self._setup(build_inner(type(self).__name__, optimizer, inner, inner_hypers), settings)
         if self.slow_copy == "construction":
             self._track(self._all_params())
 
@@ -289,7 +177,7 @@ class Lookahead(WrapperBase):
 
     @k.setter
     def k(self, value: int) -> None:
-        self._settings["k"] = _validated("k", value)
+        self._settings["k"] = self._validated("k", value)
 
     @property
     def alpha(self) -> float:
@@ -297,7 +185,7 @@ class Lookahead(WrapperBase):
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        self._settings["alpha"] = _validated("alpha", value)
+        self._settings["alpha"] = self._validated("alpha", value)
 
     @property
     def slow_copy(self) -> str:
@@ -311,34 +199,15 @@ class Lookahead(WrapperBase):
     def momentum_keys(self) -> tuple[str, ...]:
         return self._settings["momentum_keys"]
 
-    @property
-    def fast_steps(self) -> int:
-        """Steps taken (by the inner optimizer) since construction or :meth:`clear_state`; saved in the state_dict."""
-        return self._counters["fast_steps"]
-
     # --- state --------------------------------------------------------------------------------------------------
-    def _check_param(self, p: Tensor) -> None:
-        """Refuse a parameter this wrapper cannot handle (raise ``TypeError``)."""
-
-    def _state_keys(self, momentum_keys: Sequence[str]) -> set[str]:
-        """Every key of the wrapper's own tensors a parameter's state may hold."""
-        return {SLOW} | {f"slow_{key}" for key in momentum_keys}
+    def _state_keys(self, settings: Mapping[str, Any]) -> set[str]:
+        return {SLOW} | {f"slow_{key}" for key in settings["momentum_keys"]}
 
     def _required_keys(self) -> set[str]:
-        """The keys of the wrapper's own tensors every tracked parameter's state holds."""
         return {SLOW}
 
     def _init_param_state(self, p: Tensor, state: dict[str, Any]) -> None:
         state[SLOW] = p.detach().to(dtype=_slow_dtype(p), copy=True)
-
-    def _link(self, p: Tensor, state: dict[str, Any]) -> None:
-        """Add the entries a tracked parameter's state shows besides the wrapper's own tensors."""
-        state[INNER] = _InnerState(self._inner, p)
-        state[FAST_STEPS] = self._steps_tensor
-
-    def _set_fast_steps(self, count: int) -> None:
-        self._counters["fast_steps"] = count
-        self._steps_tensor.fill_(count)
 
     @torch.no_grad()
     def _track(self, params: Iterable[Tensor]) -> None:
@@ -490,291 +359,6 @@ class Lookahead(WrapperBase):
                 state[slow_key].copy_(buf)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "optimizer": type(self).__name__,
-            "inner": type(self._inner).__name__,
-            "fast_steps": self._counters["fast_steps"],
-            **{name: list(v) if isinstance(v, tuple) else v for name, v in self._settings.items()},
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state of the wrapper and of the inner optimizer, as one torch-style state_dict (see the class docstring).
-
-        Keys: ``"state"`` (per parameter id: the wrapper's tensors, ``"fast_steps"`` and ``"inner"``, the inner
-        optimizer's state of that parameter), ``"param_groups"`` (the inner optimizer's, as torch packs them) and
-        ``"gradstep"`` (which wrapper saved it, the inner optimizer's class, ``fast_steps``, the settings, and what
-        else the inner optimizer's state_dict held: gradstep's ``global_step``). An inner optimizer whose state_dict is
-        not laid out as torch's is kept whole under a top-level ``"inner"`` instead (the earlier layout), which
-        ``torch.distributed.checkpoint`` cannot carry.
-        """
-        packed = torch.optim.Optimizer.state_dict(self)  # the wrapper's state by parameter id, and the shared groups
-        own = {pid: {k: v for k, v in s.items() if k not in (INNER, FAST_STEPS)} for pid, s in packed["state"].items()}
-        inner_sd = self._inner.state_dict()
-        meta = self._meta()
-        inner_state = _mergeable(inner_sd, packed["param_groups"])
-        if inner_state is None:
-            return {"state": own, "param_groups": packed["param_groups"], "inner": inner_sd, "gradstep": meta}
-        state: dict[Any, dict[str, Any]] = {}
-        for pid in [*own, *(pid for pid in inner_state if pid not in own)]:
-            entry = dict(own.get(pid, {}))
-            if inner_state.get(pid):
-                entry[INNER] = inner_state[pid]
-            if entry:  # every parameter with state carries the counter: DCP keeps nothing but per-parameter state
-                entry[FAST_STEPS] = torch.tensor(self._counters["fast_steps"], dtype=torch.int64)
-            state[pid] = entry
-        meta["inner_extra"] = {k: v for k, v in inner_sd.items() if k not in ("state", "param_groups")}
-        return {"state": state, "param_groups": packed["param_groups"], "gradstep": meta}
-
-    def _refusal(self, saved_by: str | None, wrapper_like: bool) -> ValueError:
-        me = type(self).__name__
-        hint = "" if wrapper_like else " (an optimizer's own state_dict loads with wrapper.inner.load_state_dict)"
-        return ValueError(f"this state_dict was saved by {saved_by or 'another optimizer'}, not by {me}{hint}")
-
-    def _check_loadable(
-        self, state_dict: dict[str, Any]
-    ) -> tuple[dict[str, Any], int, dict[Any, dict[str, Any]], dict[str, Any]]:
-        """Validate a state_dict before anything is modified.
-
-        Returns the settings to restore, ``fast_steps``, the wrapper's own state per parameter id and the inner
-        optimizer's state_dict. Three layouts load: this wrapper's ``state_dict()``; the same through
-        ``torch.distributed.checkpoint`` (no ``"gradstep"`` entry; parameter ids are names; when flattened, a key the
-        checkpoint lacks comes back as an empty dict); and the earlier layout (a top-level ``"inner"``).
-        """
-        me = type(self).__name__
-        if not isinstance(state_dict.get("state"), dict) or not isinstance(state_dict.get("param_groups"), list):
-            raise ValueError(f"{me} cannot load this state_dict: it has no 'state' dict and 'param_groups' list")
-        entries: dict[Any, Any] = state_dict["state"]
-        earlier = "inner" in state_dict
-        counted = any(isinstance(e, dict) and FAST_STEPS in e for e in entries.values())
-        found = state_dict.get("gradstep")
-        meta: dict[str, Any] | None = found if isinstance(found, dict) else None
-        if meta is not None:
-            if meta.get("optimizer") != me:
-                raise self._refusal(meta.get("optimizer"), earlier or counted)
-            if meta.get("inner") != type(self._inner).__name__:
-                raise ValueError(
-                    f"this {me} state_dict wraps a {meta.get('inner')}, but this {me} wraps a "
-                    f"{type(self._inner).__name__}"
-                )
-            settings = {name: _validated(name, meta[name]) for name in self._settings if name in meta}
-            meta_steps = meta.get("fast_steps")
-            if _saved_count(meta_steps) is None or isinstance(meta_steps, Tensor):
-                raise ValueError(f"{me} cannot load this state_dict: its fast_steps is {meta_steps!r}")
-        elif earlier or not counted:
-            # Without "gradstep" (dropped by torch.distributed.checkpoint) the per-parameter counters mark a wrapper's
-            # state: the earlier layout always had "gradstep", and a dict without counters is another optimizer's.
-            raise self._refusal(None, False)
-        else:
-            settings, meta_steps = {}, None
-        groups, saved_groups = self.param_groups, state_dict["param_groups"]
-        if len(groups) != len(saved_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
-            raise ValueError(
-                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
-            )
-        own_keys = self._state_keys(settings.get("momentum_keys", self.momentum_keys))
-        allowed = own_keys if earlier else own_keys | {INNER, FAST_STEPS}
-        required = self._required_keys()
-        own: dict[Any, dict[str, Any]] = {}
-        inner_state: dict[Any, dict[str, Any]] = {}
-        counts: set[int] = set()
-        for pid, entry in entries.items():
-            if not isinstance(entry, dict):
-                raise ValueError(f"{me} cannot load this state_dict: the state of parameter {pid} is not a dict")
-            # An empty dict stands for a key the checkpoint lacks (DCP's flattened form rebuilds every live key).
-            entry = {k: v for k, v in entry.items() if not (isinstance(v, dict) and not v)}
-            extra = sorted(set(entry) - allowed)
-            if extra:
-                raise ValueError(
-                    f"{me} cannot load this state_dict: state of parameter {pid} has {', '.join(map(str, extra))}, "
-                    f"which {me} does not keep"
-                )
-            mine = {k: v for k, v in entry.items() if k in own_keys}
-            missing = sorted(required - set(mine))
-            if mine and missing:
-                raise ValueError(
-                    f"{me} cannot load this state_dict: state of parameter {pid} lacks {', '.join(missing)} "
-                    f"(was it saved by another wrapper?)"
-                )
-            if INNER in entry:
-                if not isinstance(entry[INNER], dict):
-                    raise ValueError(
-                        f"{me} cannot load this state_dict: the inner state of parameter {pid} is not a dict"
-                    )
-                inner_state[pid] = entry[INNER]
-            if FAST_STEPS in entry:
-                count = _saved_count(entry[FAST_STEPS])
-                if count is None:
-                    raise ValueError(
-                        f"{me} cannot load this state_dict: the fast_steps of parameter {pid} is {entry[FAST_STEPS]!r}"
-                    )
-                counts.add(count)
-            own[pid] = mine
-        if meta_steps is not None:
-            counts.add(int(meta_steps))
-        if len(counts) > 1:
-            raise ValueError(f"{me} cannot load this state_dict: it holds different fast_steps {sorted(counts)}")
-        if earlier:
-            inner_sd = state_dict["inner"]
-        else:
-            extra_entries = meta.get("inner_extra") if meta is not None else None
-            inner_sd = {
-                **(extra_entries if isinstance(extra_entries, dict) else {}),
-                "state": inner_state,
-                "param_groups": saved_groups,
-            }
-        return settings, counts.pop() if counts else 0, own, inner_sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict saved by the same wrapper class around the same inner optimizer class.
-
-        Also takes it back from ``torch.distributed.checkpoint`` (flattened or not) and in the earlier layout. A
-        state_dict of another optimizer (the inner optimizer's alone included) raises ``ValueError`` before anything is
-        modified. State tensors are copied (the source keeps its own) and keep their saved dtype; the counter and the
-        settings (``k``, ``alpha``, ...) are restored, as torch restores hyperparameters (the settings only when the
-        ``"gradstep"`` entry is there).
-        """
-        state_dict = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        settings, fast_steps, own, inner_sd = self._check_loadable(state_dict)
-        self._inner.load_state_dict(copy_tensors(inner_sd))
-        id_map = dict(
-            zip(
-                itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
-                itertools.chain.from_iterable(g["params"] for g in self.param_groups),
-            )
-        )
-        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
-        for pid, pstate in own.items():
-            param = id_map.get(pid)
-            if param is None:
-                state[pid] = deepcopy(pstate)
-                continue
-            state[param] = {
-                k: v.detach().to(device=param.device, copy=True) if isinstance(v, Tensor) else deepcopy(v)
-                for k, v in pstate.items()
-            }
-            if state[param]:
-                self._link(param, state[param])
-        self.state = state
-        self._settings.update(settings)
-        self._set_fast_steps(fast_steps)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self._settings.items())
-        inner = repr(self._inner).replace("\n", "\n    ")
-        return f"{type(self).__name__}({settings},\n    inner={inner})"
-
-
-_STATS = ("prev_param", "delta_mean", "delta_m2", "delta_max", "delta_min")
-
-
-class Scout(Lookahead):
-    r"""holocron's Scout: Lookahead whose rate is :math:`\max(1 - c, \alpha)`, c the update coherence of the period.
-
-    Same arguments as :class:`Lookahead`; see the module docstring for the math. Unlike holocron's, it never turns
-    the rate into NaN (which freezes the model at its slow weights): elements whose k updates are all equal are left
-    out of the coherence, and with no element left the rate is ``alpha``. The coherence of the last synchronisation
-    is :attr:`last_coherence` (``None`` when nothing was left).
-
-    Instead of holocron's k+1 snapshots per parameter, the statistics are kept as running values (Welford's mean and
-    sum of squared deviations, and the largest and smallest update) in the state: ``prev_param``, ``delta_mean``,
-    ``delta_m2``, ``delta_max``, ``delta_min``, besides ``slow_param``. Complex parameters are refused.
-
-    Example::
-
-        >>> import torch, gradstep
-        >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
-        >>> opt = gradstep.wrappers.Scout(torch.optim.SGD([w], lr=0.1), k=3, alpha=0.5)
-        >>> for g in ([0.1, 0.2, 0.3], [0.3, 0.1, 0.2], [0.5, 0.5, 0.1]):
-        ...     w.grad = torch.tensor(g); _ = opt.step()
-        >>> round(opt.last_coherence, 3), w.detach()  # spec H.10's check values
-        (0.964, tensor([0.9550, 1.9600, 2.9700]))
-    """
-
-    _PICKLED = Lookahead._PICKLED + ("last_coherence",)
-    _observes = True
-    last_coherence: float | None = None
-
-    def _check_param(self, p: Tensor) -> None:
-        if p.is_complex():
-            raise TypeError("Scout does not support complex parameters")
-
-    def _supports_complex(self) -> bool:
-        return False
-
-    def _state_keys(self, momentum_keys: Sequence[str]) -> set[str]:
-        return super()._state_keys(momentum_keys) | set(_STATS)
-
-    def _required_keys(self) -> set[str]:
-        return super()._required_keys() | set(_STATS)
-
-    def _init_param_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        super()._init_param_state(p, state)
-        state["prev_param"] = state[SLOW].clone()
-        # Zeros are the exact statistics of the steps of this period taken before the parameter was tracked: the
-        # inner optimizer did not move it then (it had no gradient).
-        for name in _STATS[1:]:
-            state[name] = torch.zeros_like(state[SLOW])
-
-    def _observe(self, tracked: list[tuple[Tensor, dict[str, Any]]]) -> None:
-        if not tracked:
-            return
-        prev, mean, m2, high, low = ([state[name] for _, state in tracked] for name in _STATS)
-        current = _as_dtype([p.detach() for p, _ in tracked], prev)
-        update = torch._foreach_sub(current, prev)
-        i = (self._counters["fast_steps"] - 1) % self.k + 1  # this update's number in the period
-        if i == 1:
-            FOREACH.copy_(mean, update)
-            torch._foreach_zero_(m2)
-            FOREACH.copy_(high, update)
-            FOREACH.copy_(low, update)
-        else:  # Welford's update of the mean and of the sum of squared deviations
-            delta = torch._foreach_sub(update, mean)
-            torch._foreach_add_(mean, delta, alpha=1.0 / i)
-            torch._foreach_addcmul_(m2, delta, torch._foreach_sub(update, mean))
-            torch._foreach_maximum_(high, update)
-            torch._foreach_minimum_(low, update)
-        FOREACH.copy_(prev, current)
-
-    def _sync_rate(self, tracked: list[tuple[Tensor, dict[str, Any]]]) -> float:
-        k = self.k
-        coherence = None
-        ratios, varying = [], []
-        for p, state in tracked if k > 1 else ():
-            if p.numel() == 0:
-                continue
-            mean = state["delta_mean"]
-            dev = torch.maximum(state["delta_max"] - mean, mean - state["delta_min"])  # max_i |U_i - mean|
-            std = (state["delta_m2"] / (k - 1)).clamp_min(0).sqrt()
-            varies = dev > 0
-            # float64 before summing: the sums of many ratios, and exact counts whatever the parameter's dtype.
-            ratios.append(torch.where(varies, std / dev, 0.0).to(torch.float64))
-            varying.append(varies.to(torch.float64))
-        if ratios:
-            # Per-parameter sums through the shared reductions: for sharded (DTensor) state, local sums all-reduced
-            # over the mesh, so every rank gets the whole parameter's sums as plain tensors.
-            total, count = tensor_sums(ratios), tensor_sums(varying)
-            kept = count > 0
-            if bool(kept.any()):
-                # The mean over the parameters with an element that varies (the others are masked out, not indexed).
-                means = torch.where(kept, total / count.clamp_min(1.0), 0.0)
-                coherence = float(means.sum() / kept.sum())
-        self.last_coherence = coherence
-        return float(self.alpha) if coherence is None else max(1.0 - coherence, float(self.alpha))
-
-    def _sync(self, tracked: list[tuple[Tensor, dict[str, Any]]]) -> None:
-        super()._sync(tracked)
-        if tracked:  # the next period's updates are measured from the synchronised parameters
-            prev = [state["prev_param"] for _, state in tracked]
-            FOREACH.copy_(prev, _as_dtype([p.detach() for p, _ in tracked], prev))
 
 
 def ranger(
@@ -831,17 +415,6 @@ for _entry in (
         invalid=_WRAPPER_INVALID + (({"lr": -1.0}, "lr"),),
     ),
     Entry(
-        "scout",
-        Scout,
-        "holocron's Scout: Lookahead whose rate grows as the period's updates lose coherence; inner='sgd' unless given",
-        _LOOKAHEAD + " (Scout: holocron, no paper)",
-        ("holocron.optim.Scout (pylocron 0.3.0)",),
-        preset={"inner": "sgd"},
-        example={"lr": 5e-2, "momentum": 0.9},
-        invalid=_WRAPPER_INVALID + (({"momentum": -0.5}, "momentum"),),
-        sharding="whole-tensor",
-    ),
-    Entry(
         "ranger",
         Lookahead,
         "fastai's ranger: fastai's RAdam (betas (0.95, 0.99), eps 1e-6, wd 0.01) inside Lookahead(6, 0.5)",
@@ -853,3 +426,19 @@ for _entry in (
     ),
 ):
     register(_entry)
+
+
+def __getattr__(name: str) -> Any:
+    # Scout lived in this module before it got its own: the old import path keeps working for one release.
+    if name == "Scout":
+        import warnings
+
+        from .scout import Scout
+
+        warnings.warn(
+            "gradstep.wrappers.lookahead.Scout moved to gradstep.wrappers.scout.Scout (or gradstep.wrappers.Scout)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return Scout
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
