@@ -16,7 +16,7 @@ import torch
 
 import gradstep
 from cli_helpers import run_main
-from gradstep.checkpoint import ConversionError, convert, summarize
+from gradstep.tools.checkpoint import ConversionError, convert, summarize
 
 K, M = 4, 5  # steps before the checkpoint, steps after it
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import gradstep
-from gradstep.clipping import GradientClipping, clip_gradients, clip_scale
+from gradstep.tools.clipping import GradientClipping, clip_gradients, clip_scale
 from gradstep.transforms import ClipByGlobalNorm, ClipByNorm, ClipByValue, Momentum
 
 NAN = float("nan")

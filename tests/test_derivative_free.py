@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from gradstep.derivative_free import CEMOptimizer, RandomOptimizer, TrajOptimizer
+from gradstep.tools.derivative_free import CEMOptimizer, RandomOptimizer, TrajOptimizer
 
 F64 = torch.float64
 

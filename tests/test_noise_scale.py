@@ -34,7 +34,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gradstep.diagnostics import GradientNoiseScaleEstimator, ScalarEMA
+from gradstep.tools.diagnostics import GradientNoiseScaleEstimator, ScalarEMA
 
 F64 = torch.float64
 

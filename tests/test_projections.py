@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from sklearn.isotonic import isotonic_regression
 
 import gradstep
-from gradstep.projections import MonotonicProjection, monotonic_projection, monotonic_projection_exact
+from gradstep.tools.projections import MonotonicProjection, monotonic_projection, monotonic_projection_exact
 
 F64 = torch.float64
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gradstep
-from gradstep.schedules import CosineSchedule
+from gradstep.tools.schedules import CosineSchedule
 
 
 def lrs_seen(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[list[float]]:

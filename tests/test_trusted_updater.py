@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gradstep.trusted import TrustedUpdater
+from gradstep.tools.trusted import TrustedUpdater
 
 NAN = float("nan")
 

@@ -2,18 +2,21 @@
 
 Every optimizer is a ``torch.optim.Optimizer`` whose update rule is a chain of transforms over whole parameter
 groups. See README.md and ``gradstep list``.
+
+The package is in wings (docs/architecture.md): ``core`` (the optimizer base, transforms, groups, registry),
+``optim`` (the named optimizers, one file per family, and ``recipes``), ``wrappers``, ``paramtransform``, ``tools``
+(clipping, TrustedUpdater, derivative-free optimizers, diagnostics, projections, schedules, checkpoints),
+``integrations`` (other training libraries) and ``lab`` (the command line, tasks, plots, benchmarks), which the
+library never imports. ``transforms`` is the public namespace of the shared transforms.
 """
 
-from . import derivative_free, diagnostics, paramtransform, projections, recipes, schedules, transforms, wrappers
-from .clipping import GradientClipping, clip_gradients
+from . import _moved, paramtransform, transforms, wrappers
 from .core.groups import mark_norm_params, param_groups
 from .core.hypers import REQUIRED, Hyper
 from .core.nonfinite import NonFiniteError, NonFiniteEvent, NonFiniteTracer
 from .core.optimizer import ChainedOptimizer, chain
 from .core.registry import Capabilities, Entry, available, create, from_config, get, register
 from .core.transform import GroupStep, Transform
-from .derivative_free import CEMOptimizer, RandomOptimizer
-from .diagnostics import GradientNoiseScaleEstimator
 from .optim import (
     LAMB,
     LARC,
@@ -34,6 +37,7 @@ from .optim import (
     RMSProp,
     RMSprop,
     TAdam,
+    recipes,
 )
 from .paramtransform import (
     ClampedGradientOptimizer,
@@ -51,10 +55,22 @@ from .paramtransform import (
     SignedGradientOptim,
     TopQGradientOptimizer,
 )
-from .projections import MonotonicProjection, monotonic_projection, monotonic_projection_exact
-from .schedules import CosineSchedule
-from .trusted import TrustedUpdater
+from .tools import derivative_free, diagnostics, projections, schedules
+from .tools.clipping import GradientClipping, clip_gradients
+from .tools.derivative_free import CEMOptimizer, RandomOptimizer
+from .tools.diagnostics import GradientNoiseScaleEstimator
+from .tools.projections import MonotonicProjection, monotonic_projection, monotonic_projection_exact
+from .tools.schedules import CosineSchedule
+from .tools.trusted import TrustedUpdater
 from .wrappers import Lookahead, OptimWrapper, Scout, ranger
+
+_moved.install()
+
+
+def __getattr__(name: str) -> object:
+    # gradstep.clipping, gradstep.cli, ...: modules that moved into the wings, for one release (see _moved.py).
+    return _moved.moved_attribute(name)
+
 
 __version__ = "0.1.0"
 

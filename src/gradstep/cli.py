@@ -803,7 +803,7 @@ def _first_line(text: str, exc: BaseException) -> str:
 
 
 def _select_state_dict(obj: Any, path: str, key: str | None) -> tuple[str, dict[str, Any]]:
-    from .checkpoint import find_state_dicts
+    from .tools.checkpoint import find_state_dicts
 
     found = list(find_state_dicts(obj))
     if key is not None:
@@ -890,7 +890,7 @@ def _set_at(container: Any, key: str, value: Any) -> Any:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import ConversionError, convert, summarize
+    from .tools.checkpoint import ConversionError, convert, summarize
 
     if args.convert_to is not None and args.output is None:
         raise CommandError("inspect: --convert-to needs --output PATH")

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from .clipping import clip_scale
 from .core.hypers import Hyper, boolean, non_negative, unit_interval_closed
 from .core.ops import TensorList
 from .core.reductions import global_norm, tensor_norms
 from .core.transform import BufferInit, GroupStep, Transform, zeros
+from .tools.clipping import clip_scale
 
 __all__ = ["ClipByGlobalNorm", "ClipByNorm", "ClipByValue", "Momentum", "ScaleBySign", "SqrtStepDecay"]
 
@@ -104,10 +104,10 @@ class ClipByNorm(Transform):
     .. math::
         s_i = c / \lVert d_i \rVert, \qquad d_i \leftarrow s_i\, d_i \ \text{ if } s_i < 1
 
-    A zero tensor is left alone, and so is a tensor whose norm is NaN (spec A.4.3; see :mod:`gradstep.clipping`).
-    ALF's wrapper clips ``p.grad`` before the step; placed first in a chain this clips the gradient the same way,
-    except that coupled weight decay (added before the chain) is clipped with it. For ALF's order exactly, with any
-    optimizer, use :class:`~gradstep.clipping.GradientClipping`.
+    A zero tensor is left alone, and so is a tensor whose norm is NaN (spec A.4.3; see
+    :mod:`gradstep.tools.clipping`). ALF's wrapper clips ``p.grad`` before the step; placed first in a chain this
+    clips the gradient the same way, except that coupled weight decay (added before the chain) is clipped with it. For
+    ALF's order exactly, with any optimizer, use :class:`~gradstep.tools.clipping.GradientClipping`.
     """
 
     hypers = (Hyper("max_tensor_norm", 0.0, non_negative, "L2 norm limit of each tensor of the direction (0: off)"),)
@@ -128,7 +128,7 @@ class ClipByGlobalNorm(Transform):
 
     :math:`G = 0` and :math:`G` NaN leave the direction unchanged (spec A.4.3). The chain runs once per param group,
     so each group is clipped by its own norm; to clip across groups (ALF's wrapper, torch's ``clip_grad_norm_``),
-    use :class:`~gradstep.clipping.GradientClipping` or :func:`~gradstep.clipping.clip_gradients`.
+    use :class:`~gradstep.tools.clipping.GradientClipping` or :func:`~gradstep.tools.clipping.clip_gradients`.
 
     The pre-clip norm is reported as ``last_norm`` (a 0-d tensor, read without a host sync): the norm of the last
     group processed, that is, of the step when the optimizer has one group. ``None`` until the first clipped step.

@@ -33,9 +33,11 @@ from typing import Any
 
 import torch
 
-from .core.hypers import REQUIRED
-from .core.registry import Entry, create, register
-from .optim import SGD, Adam, Adamax, RMSprop
+from ..core.hypers import REQUIRED
+from ..core.registry import Entry, create, register
+from .adam import Adam, Adamax
+from .rmsprop import RMSprop
+from .sgd import SGD
 
 __all__ = ["GOMLX_DEFAULT_OPTIMIZER", "gomlx"]
 

@@ -6,7 +6,7 @@ dtypes and memory. :func:`convert` turns a ``torch.optim.Adam``, ``AdamW`` or ``
 ``gradstep.Adam``, ``AdamW`` or ``SGD`` saves, so a run started with torch.optim can go on with gradstep::
 
     >>> import torch, gradstep
-    >>> from gradstep.checkpoint import convert
+    >>> from gradstep.tools.checkpoint import convert
     >>> w = torch.nn.Parameter(torch.ones(3))
     >>> opt = torch.optim.AdamW([w], lr=0.1)
     >>> w.grad = torch.ones(3); opt.step()
@@ -192,7 +192,7 @@ def _plain(value: Any) -> Any:
 
 
 def _target_defaults(target: str) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-    from .core.registry import get
+    from ..core.registry import get
 
     entry = get(target)
     probe = entry([torch.nn.Parameter(torch.zeros(1))])

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core.ops import FOREACH
-from .core.reductions import global_norm, tensor_norms
+from ..core.ops import FOREACH
+from ..core.reductions import global_norm, tensor_norms
 
 __all__ = ["CLIP_MODES", "GradientClipping", "clip_gradients", "clip_scale"]
 

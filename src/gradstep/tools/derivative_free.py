@@ -166,7 +166,7 @@ class RandomOptimizer(TrajOptimizer):
     Example::
 
         >>> import torch
-        >>> from gradstep.derivative_free import RandomOptimizer
+        >>> from gradstep.tools.derivative_free import RandomOptimizer
         >>> cost = lambda obs, x: ((x - obs[:, None, :]) ** 2).sum(-1)  # optimum at x = obs
         >>> opt = RandomOptimizer(2, 4096, cost, upper_bound=1.0, lower_bound=-1.0,
         ...                       generator=torch.Generator().manual_seed(0))
@@ -226,7 +226,7 @@ class CEMOptimizer(TrajOptimizer):
     Example::
 
         >>> import torch
-        >>> from gradstep.derivative_free import CEMOptimizer
+        >>> from gradstep.tools.derivative_free import CEMOptimizer
         >>> cost = lambda obs, x: ((x - obs[:, None, :]) ** 2).sum(-1)
         >>> opt = CEMOptimizer(2, 64, cost, upper_bound=1.0, lower_bound=-1.0, elite_size=8, max_iter_num=20,
         ...                    epsilon=1e-6, generator=torch.Generator().manual_seed(0))

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.reductions import global_norm, tensor_dots
 from .clipping import clip_scale
-from .core.reductions import global_norm, tensor_dots
 
 __all__ = ["GNS_MODES", "GradientNoiseScaleEstimator", "ScalarEMA"]
 
@@ -115,7 +115,7 @@ class GradientNoiseScaleEstimator(nn.Module):
             ``"alternative"`` mode.
         update_rate: the moving averages' rate :math:`r` in (0, 1].
         gradient_norm_clip: if set (> 0), each part's gradients are scaled down to this global norm (ALF's rule,
-            :func:`~gradstep.clipping.clip_scale`) before their norms are taken. Out of place.
+            :func:`~gradstep.tools.clipping.clip_scale`) before their norms are taken. Out of place.
         mode: ``"alternative"`` or ``"paper"``.
         generator: a ``torch.Generator`` for the random split (default: the global generator, as ALF).
         dtype: dtype of the moving averages and of the returned estimate (ALF: float32).

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .core.ops import TensorList
-from .core.transform import GroupStep, Transform
+from ..core.ops import TensorList
+from ..core.transform import GroupStep, Transform
 
 __all__ = ["MonotonicProjection", "monotonic_projection", "monotonic_projection_exact"]
 
@@ -103,7 +103,7 @@ def monotonic_projection(x: Tensor, margin: float | Tensor, dim: int = -1) -> Te
     Example::
 
         >>> import torch
-        >>> from gradstep.projections import monotonic_projection
+        >>> from gradstep.tools.projections import monotonic_projection
         >>> monotonic_projection(torch.tensor([0.0, 1.0, 1.0, 2.0]), 0.1)
         tensor([0.0000, 0.9500, 1.0500, 2.0000])
 
@@ -201,7 +201,7 @@ def monotonic_projection_exact(x: Tensor, margin: float | Tensor, dim: int = -1)
     Example::
 
         >>> import torch
-        >>> from gradstep.projections import monotonic_projection_exact
+        >>> from gradstep.tools.projections import monotonic_projection_exact
         >>> monotonic_projection_exact(torch.tensor([3.0, 2.0, 1.0, 0.0]), 0.1)
         tensor([1.3500, 1.4500, 1.5500, 1.6500])
         >>> monotonic_projection_exact(torch.tensor([0.0, 1.0, 0.5, 2.0]), 0.0)
@@ -234,7 +234,7 @@ class MonotonicProjection(Transform):
     (``train.AddPerStepUpdateGraphFn``) that its KAN layers use for their split points::
 
         >>> import torch, gradstep
-        >>> from gradstep.projections import MonotonicProjection
+        >>> from gradstep.tools.projections import MonotonicProjection
         >>> splits = torch.nn.Parameter(torch.tensor([0.0, 0.5, 1.0]))
         >>> opt = gradstep.chain([splits], MonotonicProjection(margin=0.1, exact=True), lr=1.0)
         >>> splits.grad = torch.tensor([0.0, -1.0, 1.0]); _ = opt.step()

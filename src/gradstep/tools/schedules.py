@@ -75,7 +75,7 @@ class CosineSchedule(LRScheduler):
     Example::
 
         >>> import torch
-        >>> from gradstep.schedules import CosineSchedule
+        >>> from gradstep.tools.schedules import CosineSchedule
         >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         >>> sched = CosineSchedule(opt, period_steps=4, min_lr=0.0)
         >>> lrs = []
