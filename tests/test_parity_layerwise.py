@@ -23,7 +23,7 @@ from gradstep.core.registry import get
 from gradstep.optim.layerwise import LAMB, LARC, LARS, RaLars
 from originals import holocron_optim
 from parity import fastai_set_hypers, torch_groups
-from test_parity_radam import FASTAI_ADAM_STATE, TORCH_ADAM_STATE, StateMap, run_parity
+from test_parity_radam import FASTAI_ADAM_STATE, SHAPES, TORCH_ADAM_STATE, StateMap, run_parity
 
 F64 = torch.float64
 HOLOCRON_LAMB_STATE: StateMap = {**TORCH_ADAM_STATE, "local_lr": "trust_ratio"}
@@ -145,12 +145,17 @@ HOLOCRON_LARS_CASES = {
 @pytest.mark.parametrize("case", HOLOCRON_LARS_CASES)
 def test_lars_matches_holocron_lars(case: str) -> None:
     common, a, b, prepare = HOLOCRON_LARS_CASES[case]
-    gs_common = {**common, "scale_clip": (0.0, math.inf)} if case == "large-norms-clamp-off" else common
+    large = case == "large-norms-clamp-off"
+    gs_common = {**common, "scale_clip": (0.0, math.inf)} if large else common
     result = run_parity(
         lambda gs: holocron_optim().LARS(torch_groups(gs, a, b), **common),
         lambda gs: LARS(torch_groups(gs, a, b), **gs_common),
         {"momentum_buffer": "momentum_buffer"},
         prepare=prepare,
+        # A one-element tensor's LARS step is lr * |p| * sign(g + wd p): once the large scalar has shrunk, g + wd p
+        # crosses zero and a rounding difference of 1e-16 (which way the CPU's vector code rounds) flips a step,
+        # so no bound below chaos holds on every machine. Two elements keep the large norm with a continuous step.
+        shapes=((2,), *SHAPES[1:]) if large else SHAPES,
     )
     result.assert_within()
 
