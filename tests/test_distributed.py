@@ -62,9 +62,9 @@ DEADLINE4_S = 240
 ENTRIES: list[Entry] = registry.entries()
 # Also run on 4 ranks: elementwise (adamw); per-tensor reductions (lamb, lars, neroplus's row and whole-tensor
 # statistics, the L2-normed gradient and the L2-ball projection of the wrappers, adamp's cosines); whole-tensor ones
-# (top-q selections of a whole tensor, Scout's coherence). A run whose ranks disagree on a collective hangs until the
-# process group's timeout and leaves the group unusable for the runs after it: every run still gets its own result,
-# but those later ones fail too (read the first failure).
+# (top-q selections of a whole tensor, Scout's coherence); whole-matrix ones (Muon). A run whose ranks disagree on a
+# collective hangs until the process group's timeout and leaves the group unusable for the runs after it: every run
+# still gets its own result, but those later ones fail too (read the first failure).
 FSDP4_NAMES = (
     "adamw",
     "lamb",
@@ -75,6 +75,7 @@ FSDP4_NAMES = (
     "topq_gradient",
     "scout",
     "adamp",
+    "muon",
 )
 # Optimizers also run under DDP and ZeRO: elementwise and per-tensor-reduction ones.
 DDP_NAMES = ("adamw", "lamb", "adamp", "lars", "tadam")
@@ -117,7 +118,8 @@ def make_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def build(entry: Entry, params: Any) -> torch.optim.Optimizer:
-    return entry(params, **entry.example)
+    # A matrix optimizer (Entry.min_ndim = 2) steps the weights; biases and norms stay as they are on both sides.
+    return entry([p for p in params if p.dim() >= entry.min_ndim], **entry.example)
 
 
 def train(model: torch.nn.Module, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], rows: slice) -> None:
@@ -561,7 +563,8 @@ def test_the_4_rank_subset_covers_every_sharding_kind() -> None:
 
 
 def test_every_entry_declares_a_sharding_kind() -> None:
-    assert {e.capabilities.sharding for e in ENTRIES} <= {"elementwise", "per-tensor reduction", "whole-tensor"}
+    kinds = {"elementwise", "per-tensor reduction", "whole-tensor", "whole-matrix"}
+    assert {e.capabilities.sharding for e in ENTRIES} <= kinds
 
 
 REDUCTIONS = (

@@ -26,16 +26,19 @@ STEPS = 100
 
 
 def _compilable(entry: Entry) -> bool:
-    return "compiled" in entry.hyperparameters()
+    # Sparse gradients are stepped eagerly per tensor, as torch does: a sparse-only optimizer has no compiled path.
+    return "compiled" in entry.hyperparameters() and not entry.capabilities.sparse_only
 
 
-def _params(dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+def _params(dtype: torch.dtype = torch.float32, min_ndim: int = 0) -> list[torch.nn.Parameter]:
+    # A matrix optimizer (Entry.min_ndim = 2) gets (10, 1) for (10,) and (1, 1) for ().
+    shapes = [s + (1,) * (min_ndim - len(s)) for s in SHAPES]
     gen = torch.Generator().manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in SHAPES]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
 
 
 def _run(entry: Entry, steps: int, dtype: torch.dtype = torch.float32, **hypers: Any) -> list[torch.Tensor]:
-    params = _params(dtype)
+    params = _params(dtype, entry.min_ndim)
     opt = entry(params, **{**entry.example, **hypers})
     for t in range(steps):
         torch.manual_seed(t)  # optimizers that draw random numbers draw the same ones on both paths

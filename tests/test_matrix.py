@@ -33,7 +33,7 @@ ENTRIES: list[Entry] = registry.entries()
 DEFAULTS: dict[str, dict[str, Any]] = {e.name: e.hyperparameters() for e in ENTRIES}
 STEPS = 6
 SHAPES: tuple[tuple[int, ...], ...] = ((3, 4), (5,))
-SHARDING_KINDS = {"elementwise", "per-tensor reduction", "whole-tensor"}
+SHARDING_KINDS = {"elementwise", "per-tensor reduction", "whole-tensor", "whole-matrix"}
 
 GradFn = Callable[[Tensor, int], "Tensor | None"]
 
@@ -65,9 +65,23 @@ def build(entry: Entry, params: Any, **overrides: Any) -> torch.optim.Optimizer:
     return entry(params, **{**entry.example, **overrides})
 
 
+# The current test's entry's Entry.min_ndim: matrix optimizers get (5, 1) for (5,) and (1, 1) for ().
+_MIN_NDIM = [0]
+
+
+@pytest.fixture(autouse=True)
+def _tensors_the_entry_accepts(request: pytest.FixtureRequest) -> Any:
+    callspec = getattr(request.node, "callspec", None)
+    entry = callspec.params.get("entry") if callspec is not None else None
+    _MIN_NDIM[0] = entry.min_ndim if isinstance(entry, Entry) else 0
+    yield
+    _MIN_NDIM[0] = 0
+
+
 def make_params(
     shapes: Sequence[tuple[int, ...]] = SHAPES, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> list[torch.nn.Parameter]:
+    shapes = [tuple(s) + (1,) * (_MIN_NDIM[0] - len(s)) for s in shapes]
     # Drawn in float64 and then cast, so runs in different dtypes start from the same values (up to rounding).
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
@@ -531,7 +545,8 @@ def test_state_dict_round_trip_resumes_bitwise(entry: Entry, dtype: torch.dtype)
 @each_entry
 def test_deepcopy_with_state_steps_identically(entry: Entry) -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    bias = entry.min_ndim < 2
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=bias), torch.nn.Linear(3, 1, bias=bias))
     opt = build(entry, model.parameters())
     params = list(model.parameters())
     run(entry, opt, params, steps=2)

@@ -20,7 +20,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ __all__ = [
     "tensor_norms",
     "tensor_numels",
     "tensor_sums",
+    "whole_tensors",
 ]
 
 
@@ -461,3 +462,36 @@ def row_signed_argmax(xs: Sequence[Tensor]) -> list[Tensor]:
         signed.scatter_(1, idx, torch.sign(flat.gather(1, idx)))
         out.append(signed.view(x.shape))
     return [_like_rows(o, x, tuple(x.shape)) for o, x in zip(out, xs)]
+
+
+def whole_tensors(xs: Sequence[Tensor]) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[Tensor]]]:
+    """The whole tensors of local shards (declared by :func:`sharded_as`), and how to take this rank's part back.
+
+    For updates that are a nonlinear function of a whole matrix (an orthogonalization): every rank gathers each
+    tensor split along dim 0 over one mesh dim (FSDP2's sharding, uneven and empty shards included), computes on the
+    whole, and keeps its rows with the returned function (applied to tensors shaped like the whole ones). Tensors that
+    are not split come back as they are; other shardings raise ``NotImplementedError``.
+    """
+    shardings = _shardings(xs)
+    if shardings is None or not any(groups for groups, _ in shardings):
+        return list(xs), list
+    wholes: list[Tensor] = []
+    starts: list[int | None] = []
+    for x, (groups, splits_rows) in zip(xs, shardings):
+        if not groups:
+            wholes.append(x)
+            starts.append(None)
+            continue
+        if splits_rows or len(groups) != 1:
+            raise NotImplementedError("a whole-matrix update of shards not split along dim 0 over one mesh dim")
+        flat, start = _gather_flat(x, groups[0])
+        wholes.append(flat.view(-1, *x.shape[1:]))
+        starts.append(start)
+
+    def parts(ys: Sequence[Tensor]) -> list[Tensor]:
+        out = []
+        for y, x, start in zip(ys, xs, starts):
+            out.append(y if start is None else y.reshape(-1)[start : start + x.numel()].view(x.shape))
+        return out
+
+    return wholes, parts

@@ -42,7 +42,9 @@ class Capabilities:
         closure_required: ``step()`` needs a closure.
         state_tensors: parameter-sized state tensors kept per parameter with the default hyperparameters.
         state_bytes_per_param: bytes of state per float32 parameter element.
-        sharding: how the update reads a parameter: ``"elementwise"``, ``"per-tensor reduction"`` or ``"whole-tensor"``.
+        sharding: how the update reads a parameter: ``"elementwise"``, ``"per-tensor reduction"``, ``"whole-tensor"``
+            or ``"whole-matrix"`` (a nonlinear function of the whole matrix, e.g. an orthogonalization: a sharded
+            parameter's update is computed from the gathered matrix).
         projects_params: every step ends by projecting *every* parameter onto a feasible set (a ball, a box), those
             without a gradient and with a zero lr included, so a step can move a parameter that has no gradient
             (declared by :attr:`Entry.projection`; the test matrix checks it against real steps).
@@ -76,6 +78,8 @@ class Entry:
         projection: for optimizers that project every parameter after each step (``Capabilities.projects_params``):
             a plain-torch reference of that projection, ``projection(param, group) -> projected copy`` for a
             parameter of ``group`` (a param group dict). ``None`` for the others.
+        min_ndim: parameters of fewer dimensions are refused (matrix optimizers: 2); the generic tests give such an
+            optimizer tensors of at least this many dimensions.
     """
 
     name: str
@@ -89,6 +93,7 @@ class Entry:
     sharding: str = "elementwise"
     required: tuple[str, ...] = ()
     projection: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
+    min_ndim: int = 0
 
     @property
     def required_args(self) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from .adamp import AdamP
 from .adan import Adan
 from .adaptive import AdaBelief, AdEMAMix
 from .layerwise import LAMB, LARC, LARS, RaLars
+from .muon import Muon
 from .nero import NeroPlus
 from .radam import QHAdam, RAdam
 from .rmsprop import RMSProp, RMSprop
@@ -23,6 +24,7 @@ __all__ = [
     "LAMB",
     "LARC",
     "LARS",
+    "Muon",
     "NeroPlus",
     "QHAdam",
     "RAdam",

@@ -1,0 +1,119 @@
+r"""Matrix math shared by the matrix optimizers: views of tensors as matrices and the Newton–Schulz orthogonalization.
+
+Elementwise optimizers see a parameter as a bag of numbers; matrix optimizers (Muon and its relatives) see it as one
+or several matrices. This module is the one place where
+
+* a parameter's update is cut into matrices (:func:`matrix_views`): a 2-D tensor is one matrix; a tensor of more
+  dimensions is either flattened to ``(shape[0], rest)`` (convolutions, as the original Muon code does) or read as a
+  batch of matrices over its last two dimensions (mixture-of-experts weights); a fused weight (QKV, attention heads)
+  can first be split into equal blocks along one dimension;
+* same-shape matrices are stacked and orthogonalized together (:func:`orthogonalize`): one ``baddbmm`` chain per
+  distinct shape, whatever the number of parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["MatrixView", "matrix_views", "newton_schulz", "orthogonalize"]
+
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def newton_schulz(x: Tensor, coefficients: Sequence[float], steps: int, eps: float) -> Tensor:
+    r"""Approximate :math:`UV^\top` of each matrix of a batch ``(n, rows, cols)`` with ``rows <= cols``.
+
+    The quintic iteration of Jordan et al. (the code of ``torch.optim.Muon``, batched):
+
+    .. math::
+        X_0 = G / \max(\lVert G\rVert_F, \epsilon),\qquad
+        A = X X^\top,\quad X \leftarrow a X + (b A + c A^2) X
+
+    Computed in ``x``'s dtype; ``x`` is not modified.
+    """
+    a, b, c = coefficients
+    norms = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    x = x / norms
+    for _ in range(steps):
+        gram = torch.bmm(x, x.transpose(-2, -1))
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return x
+
+
+class MatrixView:
+    """How one tensor is cut into matrices: the matrices (views or copies) and how to put their results back."""
+
+    def __init__(self, tensor: Tensor, mode: str, split_size: int | None, split_dim: int) -> None:
+        self.shape = tensor.shape
+        blocks = [tensor] if not split_size else list(torch.split(tensor, split_size, dim=split_dim))
+        self.split_dim = split_dim if split_size else None
+        self.block_shapes = [b.shape for b in blocks]
+        self.matrices: list[Tensor] = []
+        self.counts: list[int] = []  # matrices per block
+        for block in blocks:
+            if block.dim() < 2:
+                raise ValueError(
+                    f"a matrix optimizer needs tensors of 2 or more dimensions, got shape {tuple(block.shape)}"
+                )
+            if block.dim() == 2:
+                mats = [block]
+            elif mode == "flatten":
+                mats = [block.reshape(block.shape[0], -1)]
+            else:  # "batch": the leading dimensions index matrices
+                mats = list(block.reshape(-1, block.shape[-2], block.shape[-1]).unbind(0))
+            self.matrices += mats
+            self.counts.append(len(mats))
+
+    def assemble(self, results: list[Tensor]) -> Tensor:
+        """The tensor shaped like the original from one result per matrix (in the order of :attr:`matrices`)."""
+        blocks, start = [], 0
+        for shape, count in zip(self.block_shapes, self.counts):
+            part = results[start : start + count]
+            start += count
+            blocks.append(part[0].reshape(shape) if count == 1 else torch.stack(part).reshape(shape))
+        if self.split_dim is None:
+            return blocks[0]
+        return torch.cat(blocks, dim=self.split_dim)
+
+
+def matrix_views(
+    tensors: Sequence[Tensor], mode: str, split_sizes: Sequence[int | None], split_dim: int
+) -> list[MatrixView]:
+    """Each tensor as matrices (see the module docstring); ``split_sizes`` has one entry per tensor."""
+    return [MatrixView(t, mode, s, split_dim) for t, s in zip(tensors, split_sizes)]
+
+
+def orthogonalize(
+    matrices: Sequence[Tensor],
+    coefficients: Sequence[float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype | None = None,
+    batched: bool = True,
+) -> list[Tensor]:
+    """The Newton–Schulz orthogonalization of each matrix, in ``dtype`` (None: each matrix's own), cast back.
+
+    A tall matrix is orthogonalized through its transpose (the Gram matrix is then the smaller one). With ``batched``,
+    matrices of the same (wide) shape and dtype are stacked and run as one batch; otherwise one at a time (the
+    reference path: same math, one ``baddbmm`` chain per matrix).
+    """
+    out: list[Tensor | None] = [None] * len(matrices)
+    buckets: dict[tuple[object, ...], list[int]] = {}
+    wide: list[Tensor] = []
+    for i, m in enumerate(matrices):
+        w = m.transpose(0, 1) if m.shape[0] > m.shape[1] else m
+        wide.append(w.to(dtype or m.dtype))
+        key: tuple[object, ...] = (wide[i].shape, wide[i].dtype, wide[i].device) if batched else (i,)
+        buckets.setdefault(key, []).append(i)
+    for idx in buckets.values():
+        stacked = torch.stack([wide[i] for i in idx])
+        result = newton_schulz(stacked, coefficients, steps, eps)
+        for i, r in zip(idx, result.unbind(0)):
+            m = matrices[i]
+            r = r.transpose(0, 1) if m.shape[0] > m.shape[1] else r
+            out[i] = r.to(m.dtype)
+    return out  # type: ignore[return-value]
