@@ -17,6 +17,7 @@ from .core.nonfinite import NonFiniteError, NonFiniteEvent, NonFiniteTracer
 from .core.optimizer import ChainedOptimizer, chain
 from .core.registry import Capabilities, Entry, available, create, from_config, get, register
 from .core.transform import GroupStep, Transform
+from .integrations import EMA, StepInBackward, create_optimizer, step_in_backward
 from .optim import (
     LAMB,
     LARC,
@@ -30,7 +31,6 @@ from .optim import (
     AdamW,
     Adan,
     AdEMAMix,
-    Muon,
     NeroPlus,
     QHAdam,
     RAdam,
@@ -90,6 +90,7 @@ __all__ = [
     "ClampedGradientOptimizer",
     "ClampedParameterOptimizer",
     "CosineSchedule",
+    "EMA",
     "Entry",
     "FrankWolfe",
     "GradientClipping",
@@ -110,7 +111,6 @@ __all__ = [
     "LinfProjectedOptim",
     "Lookahead",
     "MonotonicProjection",
-    "Muon",
     "NeroPlus",
     "NonFiniteError",
     "NonFiniteEvent",
@@ -125,6 +125,7 @@ __all__ = [
     "RandomOptimizer",
     "SGD",
     "Scout",
+    "StepInBackward",
     "SignedGradientOptim",
     "TAdam",
     "TopQGradientOptimizer",
@@ -134,6 +135,7 @@ __all__ = [
     "chain",
     "clip_gradients",
     "create",
+    "create_optimizer",
     "derivative_free",
     "diagnostics",
     "from_config",
@@ -148,6 +150,7 @@ __all__ = [
     "recipes",
     "register",
     "schedules",
+    "step_in_backward",
     "transforms",
     "wrappers",
 ]
