@@ -19,9 +19,11 @@ from .core.registry import Capabilities, Entry, available, create, from_config, 
 from .core.transform import GroupStep, Transform
 from .integrations import EMA, StepInBackward, create_optimizer, step_in_backward
 from .optim import (
+    ADOPT,
     LAMB,
     LARC,
     LARS,
+    MARS,
     SGD,
     AdaBelief,
     Adam,
@@ -31,6 +33,8 @@ from .optim import (
     AdamW,
     Adan,
     AdEMAMix,
+    LaProp,
+    Lion,
     Muon,
     NeroPlus,
     QHAdam,
@@ -38,6 +42,7 @@ from .optim import (
     RaLars,
     RMSProp,
     RMSprop,
+    StableAdamW,
     TAdam,
     recipes,
 )
@@ -77,6 +82,7 @@ def __getattr__(name: str) -> object:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADOPT",
     "AdEMAMix",
     "AdaBelief",
     "Adam",
@@ -108,9 +114,12 @@ __all__ = [
     "LAMB",
     "LARC",
     "LARS",
+    "LaProp",
     "LinfFrankWolfe",
     "LinfProjectedOptim",
+    "Lion",
     "Lookahead",
+    "MARS",
     "MonotonicProjection",
     "Muon",
     "NeroPlus",
@@ -127,6 +136,7 @@ __all__ = [
     "RandomOptimizer",
     "SGD",
     "Scout",
+    "StableAdamW",
     "StepInBackward",
     "SignedGradientOptim",
     "TAdam",

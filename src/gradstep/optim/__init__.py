@@ -1,18 +1,23 @@
 """The named optimizers, one file per family."""
 
 from .adam import Adam, Adamax, AdamTF, AdamW
+from .adam_variants import ADOPT, LaProp
 from .adamp import AdamP
 from .adan import Adan
 from .adaptive import AdaBelief, AdEMAMix
 from .layerwise import LAMB, LARC, LARS, RaLars
+from .lion import Lion
+from .mars import MARS
 from .muon import Muon
 from .nero import NeroPlus
 from .radam import QHAdam, RAdam
 from .rmsprop import RMSProp, RMSprop
 from .sgd import SGD
+from .stable import StableAdamW
 from .tadam import TAdam
 
 __all__ = [
+    "ADOPT",
     "AdEMAMix",
     "AdaBelief",
     "Adam",
@@ -24,6 +29,9 @@ __all__ = [
     "LAMB",
     "LARC",
     "LARS",
+    "LaProp",
+    "Lion",
+    "MARS",
     "Muon",
     "NeroPlus",
     "QHAdam",
@@ -32,5 +40,6 @@ __all__ = [
     "RMSprop",
     "RaLars",
     "SGD",
+    "StableAdamW",
     "TAdam",
 ]
