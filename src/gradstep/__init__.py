@@ -62,6 +62,7 @@ from .paramtransform import (
     SignedGradientOptim,
     TopQGradientOptimizer,
 )
+from .routing import partition
 from .tools import derivative_free, diagnostics, projections, schedules
 from .tools.clipping import GradientClipping, clip_gradients
 from .tools.derivative_free import CEMOptimizer, RandomOptimizer
@@ -157,6 +158,7 @@ __all__ = [
     "monotonic_projection_exact",
     "param_groups",
     "paramtransform",
+    "partition",
     "projections",
     "ranger",
     "recipes",
