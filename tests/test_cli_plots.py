@@ -20,7 +20,7 @@ import torch
 
 import gradstep
 from cli_helpers import check_png, embedded_pngs, run_main, table_row
-from gradstep.lab import tasks
+from gradstep import tasks
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
-"""``python -m gradstep``: the command line (see :mod:`gradstep.lab.cli`)."""
+"""``python -m gradstep``: the command line (see :mod:`gradstep.cli`)."""
 
 import sys
 
-from .lab.cli import main
+from .cli import main
 
 sys.exit(main())

@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from .cautious import with_cautious
 from .groups import GroupToolsMixin
 from .hypers import REQUIRED, Hyper, boolean, expand_hypers, non_negative, non_negative_int, one_of, optional_bool
 from .nonfinite import POLICIES, NonFiniteError, finite_flags, first_nonfinite, rank_note
@@ -124,13 +123,11 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             hyperparameter given as ``slice(lo, hi)`` or as a list is spread over the groups (one value each).
         transforms: the update rule, applied in order to the gradient.
         **hypers: values of the hyperparameters declared by the transforms and by the core (:data:`CORE_HYPERS`).
-            An unknown name raises ``TypeError``; an invalid value raises ``ValueError``. ``cautious=True``
-            appends :class:`~gradstep.core.cautious.Cautious` to the chain (any optimizer, Liang et al., 2024).
+            An unknown name raises ``TypeError``; an invalid value raises ``ValueError``.
     """
 
     def __init__(self, params: Any, transforms: Sequence[Transform], **hypers: Any) -> None:
-        hypers = dict(hypers)
-        self._transforms: tuple[Transform, ...] = with_cautious(transforms, hypers)
+        self._transforms: tuple[Transform, ...] = tuple(transforms)
         declared = self.declared_hypers()
         unknown = sorted(set(hypers) - set(declared))
         if unknown:
@@ -179,6 +176,16 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
 
     def _supports_complex(self) -> bool:
         return all(getattr(t, "elementwise", False) for t in self._transforms)
+
+    def _sparse_gradients(self) -> str:
+        """``"refused"``, ``"accepted"`` or ``"required"`` (see :attr:`Transform.sparse_gradients`)."""
+        kinds = {getattr(t, "sparse_gradients", "refused") for t in self._transforms}
+        if not kinds or "refused" in kinds:
+            return "refused"
+        return "required" if "required" in kinds else "accepted"
+
+    def _supports_sparse(self) -> bool:
+        return self._sparse_gradients() != "refused"
 
     # --- groups -----------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -262,7 +269,12 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 continue
             name = names[i] if names else f"param_groups[{index}]['params'][{i}]"
             if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name})")
+                self._check_sparse(group, p, name)
+            elif self._sparse_gradients() == "required":
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support dense gradients (parameter {name}); it steps sparse "
+                    f"gradients only (e.g. of nn.Embedding(sparse=True)): use Adam for dense ones"
+                )
             if p.grad.shape != p.shape:
                 raise RuntimeError(f"gradient of {name} has shape {tuple(p.grad.shape)}, parameter {tuple(p.shape)}")
             plan.params.append(p)
@@ -273,12 +285,30 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             plan.opt_args.append(_opt_args(p))
         return plan
 
+    def _check_sparse(self, group: dict[str, Any], p: Tensor, name: str) -> None:
+        """Refuse a sparse gradient where the chain or a core option needs a dense one (before anything changes)."""
+        me = type(self).__name__
+        if not self._supports_sparse():
+            raise RuntimeError(f"{me} does not support sparse gradients (parameter {name})")
+        # As torch.optim.Adagrad: coupled decay would make the gradient dense (decoupled decay acts on the parameter
+        # and is allowed). The others need dense elementwise math.
+        refused = {
+            "coupled weight_decay": bool(group["weight_decay"] != 0) and group["weight_decay_mode"] == "coupled",
+            "clip_step": group["clip_step"] > 0,
+            "nonfinite='zero'": group["nonfinite"] == "zero",
+            "complex parameters": p.is_complex(),
+        }
+        for option, used in refused.items():
+            if used:
+                raise RuntimeError(f"{me}: {option} is not compatible with sparse gradients (parameter {name})")
+
     def _screen(self, plans: list[_Plan]) -> bool:
         """Apply the gradient side of the non-finite policy; False means: skip this step."""
         for plan in plans:
             policy = plan.group["nonfinite"]
             if policy in ("error", "skip") and plan.grads:
-                bad = first_nonfinite(plan.grads)
+                # A sparse gradient is screened by the values it holds (uncoalesced: no sum of duplicates hides one).
+                bad = first_nonfinite([g._values() if g.is_sparse else g for g in plan.grads])
                 if bad is None:
                     continue
                 if policy == "error":
@@ -313,6 +343,10 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         for p, state in zip(plan.params, plan.states):
             if not expected.issubset(state):
                 self._init_param_state(group, p, state)
+        if any(g.is_sparse for g in plan.grads):
+            plan = self._update_sparse(plan)
+            if not plan.params:
+                return
         if any(_is_dtensor(v) for v in plan.views):
             self._update_local_shards(plan)
             return
@@ -355,6 +389,35 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                         stride=view.stride(),
                     )
                 state[key] = value
+
+    def _update_sparse(self, plan: _Plan) -> _Plan:
+        """Step the parameters with sparse gradients; return the plan of the others (dense gradients).
+
+        Sparse gradients are stepped as torch.optim does: per tensor (each has its own indices), eagerly, on the
+        elements the gradient holds; the transforms receive sparse tensors and return sparse directions.
+        """
+        group = plan.group
+        sparse = [i for i, g in enumerate(plan.grads) if g.is_sparse]
+        dense = [i for i, g in enumerate(plan.grads) if not g.is_sparse]
+        hypers = {name: group[name] for name in self.declared_hypers()}
+        hypers["foreach"] = False
+        zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
+        group_step(
+            hypers,
+            zero,
+            self._transforms,
+            _take(plan.views, sparse),
+            _take(plan.grads, sparse),
+            _take(plan.states, sparse),
+            [self._state_dtype(group, plan.params[i]) for i in sparse],
+            _take(plan.opt_args, sparse),
+            _take(plan.names, sparse),
+        )
+        rest = _Plan(plan.index, group)
+        rest.params, rest.views, rest.grads = (_take(xs, dense) for xs in (plan.params, plan.views, plan.grads))
+        rest.states, rest.names = _take(plan.states, dense), _take(plan.names, dense)
+        rest.opt_args = _take(plan.opt_args, dense)
+        return rest
 
     def _update_plain(self, plan: _Plan) -> None:
         group = plan.group

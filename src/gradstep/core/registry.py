@@ -38,7 +38,8 @@ class Capabilities:
 
     Attributes:
         supports_complex: complex parameters are optimized (as pairs of reals).
-        supports_sparse: sparse gradients are accepted.
+        supports_sparse: sparse gradients are accepted (declared by the chain's transforms).
+        sparse_only: dense gradients are refused (SparseAdam).
         closure_required: ``step()`` needs a closure.
         state_tensors: parameter-sized state tensors kept per parameter with the default hyperparameters.
         state_bytes_per_param: bytes of state per float32 parameter element.
@@ -57,6 +58,7 @@ class Capabilities:
     state_bytes_per_param: int
     sharding: str
     projects_params: bool = False
+    sparse_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class Entry:
         projection: for optimizers that project every parameter after each step (``Capabilities.projects_params``):
             a plain-torch reference of that projection, ``projection(param, group) -> projected copy`` for a
             parameter of ``group`` (a param group dict). ``None`` for the others.
+        lr_sets_initial_step: ``lr`` only initialises per-element step sizes at a parameter's first step (Rprop, as
+            torch's): changing it afterwards, by a scheduler, leaves the steps alone.
         min_ndim: parameters of fewer dimensions are refused (matrix optimizers: 2); the generic tests give such an
             optimizer tensors of at least this many dimensions.
     """
@@ -94,6 +98,7 @@ class Entry:
     required: tuple[str, ...] = ()
     projection: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None
     min_ndim: int = 0
+    lr_sets_initial_step: bool = False
 
     @property
     def required_args(self) -> tuple[str, ...]:
@@ -125,12 +130,13 @@ class Entry:
         supports_complex = bool(getattr(opt, "_supports_complex", lambda: False)())
         return Capabilities(
             supports_complex=supports_complex,
-            supports_sparse=False,
+            supports_sparse=bool(getattr(opt, "_supports_sparse", lambda: False)()),
             closure_required=False,
             state_tensors=len(tensors),
             state_bytes_per_param=sum(t.element_size() for t in tensors),
             sharding=self.sharding,
             projects_params=self.projection is not None,
+            sparse_only=getattr(opt, "_sparse_gradients", lambda: "refused")() == "required",
         )
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from .hypers import Hyper
 from .ops import FOREACH, Coef, Direction, PerTensorOps, TensorList, is_number
 
-__all__ = ["BufferInit", "GroupStep", "Transform", "param_copy", "zeros"]
+__all__ = ["BufferInit", "GroupStep", "Transform", "param_copy", "scalar_state", "zeros"]
 
 BufferInit = Callable[[Tensor, torch.dtype], Tensor]
 
@@ -38,6 +38,18 @@ def zeros(param: Tensor, dtype: torch.dtype) -> Tensor:
 def param_copy(param: Tensor, dtype: torch.dtype) -> Tensor:
     """A copy of the parameter's current value, in the state dtype."""
     return param.detach().to(dtype=dtype, copy=True)
+
+
+def scalar_state(value: float) -> BufferInit:
+    """A 0-d state tensor initialised to ``value``, in the dtype torch.optim gives such values (``mu_product``,
+    ``eta``): float32, or float64 when that is the default dtype. Kept in that dtype so that its rounding is torch's."""
+    value = float(value)
+
+    def init(param: Tensor, dtype: torch.dtype) -> Tensor:
+        scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        return torch.full((), value, dtype=scalar_dtype, device=param.device)
+
+    return init
 
 
 class GroupStep:
@@ -163,6 +175,10 @@ class Transform:
     hypers: ClassVar[tuple[Hyper, ...]] = ()
     elementwise: ClassVar[bool] = False
     """True when the math acts element by element (complex parameters are then handled as real pairs)."""
+    sparse_gradients: ClassVar[str] = "refused"
+    """``"refused"``, ``"accepted"`` or ``"required"``: whether :meth:`update` takes sparse COO gradients. The core
+    steps the parameters with sparse gradients apart, per tensor (``foreach=False``), and hands such a transform a
+    list of sparse tensors; every transform of the chain must accept them."""
 
     def check_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for a combination of hyperparameters that cannot work together."""

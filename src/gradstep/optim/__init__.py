@@ -1,25 +1,27 @@
 """The named optimizers, one file per family."""
 
+from .adagrad import Adadelta, Adagrad, SparseAdam
 from .adam import Adam, Adamax, AdamTF, AdamW
-from .adam_variants import ADOPT, LaProp
 from .adamp import AdamP
 from .adan import Adan
 from .adaptive import AdaBelief, AdEMAMix
+from .asgd import ASGD
 from .layerwise import LAMB, LARC, LARS, RaLars
-from .lion import Lion
-from .mars import MARS
 from .muon import Muon
+from .nadam import NAdam
 from .nero import NeroPlus
 from .radam import QHAdam, RAdam
 from .rmsprop import RMSProp, RMSprop
+from .rprop import Rprop
 from .sgd import SGD
-from .stable import StableAdamW
 from .tadam import TAdam
 
 __all__ = [
-    "ADOPT",
+    "ASGD",
     "AdEMAMix",
     "AdaBelief",
+    "Adadelta",
+    "Adagrad",
     "Adam",
     "AdamP",
     "AdamTF",
@@ -29,17 +31,16 @@ __all__ = [
     "LAMB",
     "LARC",
     "LARS",
-    "LaProp",
-    "Lion",
-    "MARS",
     "Muon",
+    "NAdam",
     "NeroPlus",
     "QHAdam",
     "RAdam",
     "RMSProp",
     "RMSprop",
     "RaLars",
+    "Rprop",
     "SGD",
-    "StableAdamW",
+    "SparseAdam",
     "TAdam",
 ]
