@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gradstep import cli
+from gradstep.lab import cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,6 @@
-"""The command line (gradstep.cli): list, info, compare's table and JSON, bench, bad input; and the digits task.
+"""The command line (gradstep.lab.cli): list, info, compare's table and JSON, bench, bad input; and the digits task.
 
-Most commands run in-process through ``gradstep.cli.main([...])``, which returns the exit status; a few run for real
+Most commands run in-process through ``gradstep.lab.cli.main([...])``, which returns the exit status; a few run for real
 as ``python -m gradstep`` and as the installed ``gradstep`` script, to cover the entry points and the process's own
 exit status and streams. The pictures, the HTML report, lr-find and the other tasks are in test_cli_plots.py;
 ``inspect`` is in test_cli_inspect.py.
@@ -19,9 +19,10 @@ import torch
 
 import gradstep
 from cli_helpers import run_main, run_module, table_row
-from gradstep import cli, tasks
 from gradstep.core.hypers import REQUIRED
 from gradstep.core.registry import entries
+from gradstep.lab import cli, tasks
+from gradstep.lab.cli import common as cli_common
 
 NAMES = gradstep.available()
 
@@ -158,7 +159,7 @@ def test_info_json_matches_the_registry_entry(capsys: pytest.CaptureFixture[str]
     assert item["hyperparameters"]["betas"] == [0.9, 0.99]
     assert item["docs"]["betas"]
     # The example is a spec the command line accepts.
-    assert cli._Candidate(item["example"]).hypers == gradstep.get("fastai_adam").example
+    assert cli_common._Candidate(item["example"]).hypers == gradstep.get("fastai_adam").example
 
 
 # --- compare ----------------------------------------------------------------------------------------------------
@@ -506,7 +507,7 @@ def test_train_rejects_zero_steps_and_zero_epochs(digits: tasks.Split) -> None:
 
 
 def test_progress_bars_go_to_stderr_and_close(capsys: pytest.CaptureFixture[str]) -> None:
-    progress = cli._Progress(True)  # what compare uses when stderr is a terminal
+    progress = cli_common._Progress(True)  # what compare uses when stderr is a terminal
     with progress.bar(3, "adamw") as on_step:
         assert on_step is not None
         for loss in (2.0, 1.5, 1.25):
@@ -516,5 +517,5 @@ def test_progress_bars_go_to_stderr_and_close(capsys: pytest.CaptureFixture[str]
     # tqdm redraws at most every 0.1 s, so which count shows depends on timing; the bar and its total do not.
     assert "adamw:" in err and "/3 [" in err
     assert err.endswith("\r")  # leave=False: the bar erases itself when it closes
-    with cli._Progress(False).bar(3, "off") as on_step:
+    with cli_common._Progress(False).bar(3, "off") as on_step:
         assert on_step is None

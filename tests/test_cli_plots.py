@@ -20,7 +20,7 @@ import torch
 
 import gradstep
 from cli_helpers import check_png, embedded_pngs, run_main, table_row
-from gradstep import tasks
+from gradstep.lab import tasks
 
 
 @pytest.fixture(autouse=True)

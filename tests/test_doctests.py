@@ -114,9 +114,9 @@ def in_tmp_dir(tmp_path: Path) -> Any:
 
 @pytest.mark.parametrize("page", _pages(), ids=lambda p: str(p.relative_to(DOCS)))
 def test_every_python_block_of_the_page_runs(page: Path, in_tmp_dir: Path) -> None:
-    from gradstep.peers import holocron_optim
+    from gradstep.lab.peers import holocron_optim
 
-    # holocron's package __init__ needs torchvision's compiled ops; its optimizers do not (see gradstep.peers).
+    # holocron's package __init__ needs torchvision's compiled ops; its optimizers do not (see gradstep.lab.peers).
     # Registering holocron.optim first lets the guides' "before" blocks say ``from holocron.optim import ...``.
     with contextlib.suppress(ImportError):
         holocron_optim()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradstep
-from gradstep.bench import _peak_extra_bytes
+from gradstep.lab.bench import _peak_extra_bytes
 
 SHAPES = [(256, 256)] * 6 + [(256,)] * 4
 

@@ -19,10 +19,12 @@ from .core.registry import Capabilities, Entry, available, create, from_config, 
 from .core.transform import GroupStep, Transform
 from .integrations import EMA, StepInBackward, create_optimizer, step_in_backward
 from .optim import (
+    ADOPT,
     ASGD,
     LAMB,
     LARC,
     LARS,
+    MARS,
     SGD,
     AdaBelief,
     Adadelta,
@@ -34,6 +36,8 @@ from .optim import (
     AdamW,
     Adan,
     AdEMAMix,
+    LaProp,
+    Lion,
     Muon,
     NAdam,
     NeroPlus,
@@ -44,6 +48,7 @@ from .optim import (
     RMSprop,
     Rprop,
     SparseAdam,
+    StableAdamW,
     TAdam,
     recipes,
 )
@@ -63,6 +68,7 @@ from .paramtransform import (
     SignedGradientOptim,
     TopQGradientOptimizer,
 )
+from .routing import partition
 from .tools import derivative_free, diagnostics, projections, schedules
 from .tools.clipping import GradientClipping, clip_gradients
 from .tools.derivative_free import CEMOptimizer, RandomOptimizer
@@ -83,6 +89,7 @@ def __getattr__(name: str) -> object:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADOPT",
     "ASGD",
     "AdEMAMix",
     "AdaBelief",
@@ -117,9 +124,12 @@ __all__ = [
     "LAMB",
     "LARC",
     "LARS",
+    "LaProp",
     "LinfFrankWolfe",
     "LinfProjectedOptim",
+    "Lion",
     "Lookahead",
+    "MARS",
     "MonotonicProjection",
     "Muon",
     "NAdam",
@@ -138,6 +148,7 @@ __all__ = [
     "Rprop",
     "SGD",
     "Scout",
+    "StableAdamW",
     "StepInBackward",
     "SignedGradientOptim",
     "SparseAdam",
@@ -159,6 +170,7 @@ __all__ = [
     "monotonic_projection_exact",
     "param_groups",
     "paramtransform",
+    "partition",
     "projections",
     "ranger",
     "recipes",

@@ -1,7 +1,7 @@
-"""``python -m gradstep``: the command line (see :mod:`gradstep.cli`)."""
+"""``python -m gradstep``: the command line (see :mod:`gradstep.lab.cli`)."""
 
 import sys
 
-from .cli import main
+from .lab.cli import main
 
 sys.exit(main())

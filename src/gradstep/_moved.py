@@ -25,6 +25,13 @@ MOVED: dict[str, str] = {
     "gradstep.schedules": "gradstep.tools.schedules",
     "gradstep.checkpoint": "gradstep.tools.checkpoint",
     "gradstep.recipes": "gradstep.optim.recipes",
+    "gradstep.cli": "gradstep.lab.cli",
+    "gradstep.tasks": "gradstep.lab.tasks",
+    "gradstep.plots": "gradstep.lab.plots",
+    "gradstep.report": "gradstep.lab.report",
+    "gradstep.bench": "gradstep.lab.bench",
+    "gradstep.bench_fsdp": "gradstep.lab.bench_fsdp",
+    "gradstep.peers": "gradstep.lab.peers",
 }
 """Old module path -> where the module lives now."""
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from .cautious import with_cautious
 from .groups import GroupToolsMixin
 from .hypers import REQUIRED, Hyper, boolean, expand_hypers, non_negative, non_negative_int, one_of, optional_bool
 from .nonfinite import POLICIES, NonFiniteError, finite_flags, first_nonfinite, rank_note
@@ -123,11 +124,13 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             hyperparameter given as ``slice(lo, hi)`` or as a list is spread over the groups (one value each).
         transforms: the update rule, applied in order to the gradient.
         **hypers: values of the hyperparameters declared by the transforms and by the core (:data:`CORE_HYPERS`).
-            An unknown name raises ``TypeError``; an invalid value raises ``ValueError``.
+            An unknown name raises ``TypeError``; an invalid value raises ``ValueError``. ``cautious=True``
+            appends :class:`~gradstep.core.cautious.Cautious` to the chain (any optimizer, Liang et al., 2024).
     """
 
     def __init__(self, params: Any, transforms: Sequence[Transform], **hypers: Any) -> None:
-        self._transforms: tuple[Transform, ...] = tuple(transforms)
+        hypers = dict(hypers)
+        self._transforms: tuple[Transform, ...] = with_cautious(transforms, hypers)
         declared = self.declared_hypers()
         unknown = sorted(set(hypers) - set(declared))
         if unknown:

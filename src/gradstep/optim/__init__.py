@@ -2,11 +2,14 @@
 
 from .adagrad import Adadelta, Adagrad, SparseAdam
 from .adam import Adam, Adamax, AdamTF, AdamW
+from .adam_variants import ADOPT, LaProp
 from .adamp import AdamP
 from .adan import Adan
 from .adaptive import AdaBelief, AdEMAMix
 from .asgd import ASGD
 from .layerwise import LAMB, LARC, LARS, RaLars
+from .lion import Lion
+from .mars import MARS
 from .muon import Muon
 from .nadam import NAdam
 from .nero import NeroPlus
@@ -14,9 +17,11 @@ from .radam import QHAdam, RAdam
 from .rmsprop import RMSProp, RMSprop
 from .rprop import Rprop
 from .sgd import SGD
+from .stable import StableAdamW
 from .tadam import TAdam
 
 __all__ = [
+    "ADOPT",
     "ASGD",
     "AdEMAMix",
     "AdaBelief",
@@ -31,6 +36,9 @@ __all__ = [
     "LAMB",
     "LARC",
     "LARS",
+    "LaProp",
+    "Lion",
+    "MARS",
     "Muon",
     "NAdam",
     "NeroPlus",
@@ -42,5 +50,6 @@ __all__ = [
     "Rprop",
     "SGD",
     "SparseAdam",
+    "StableAdamW",
     "TAdam",
 ]

@@ -3,9 +3,9 @@
 Figures are built with :class:`matplotlib.figure.Figure` and rendered by the Agg canvas, never through ``pyplot``:
 no window opens, no global backend is switched, and nothing is left open in a notebook that imports this module.
 matplotlib is imported when a function is called (``pip install 'gradstep[cli]'``); without it they raise
-:class:`~gradstep.tasks.MissingDependency`.
+:class:`~gradstep.lab.tasks.MissingDependency`.
 
-Each function takes what :mod:`gradstep.tasks` returns and a path, writes the PNG and returns the path. An
+Each function takes what :mod:`gradstep.lab.tasks` returns and a path, writes the PNG and returns the path. An
 optimizer keeps its colour from one figure to the next (the ``index``-th colour of matplotlib's ``tab10``).
 """
 

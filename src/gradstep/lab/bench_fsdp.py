@@ -18,8 +18,8 @@ half the elementwise work, so 0.5 against 1 thread would be perfect scaling; the
 reductions add to that. The two ranks and the 2-thread process use the same two cores. The machine is noisy, so
 compare ratios within one run, not across runs.
 
-    python -m gradstep.bench_fsdp
-    python -m gradstep.bench_fsdp --only adamw lamb --width 512 --steps 30
+    python -m gradstep.lab.bench_fsdp
+    python -m gradstep.lab.bench_fsdp --only adamw lamb --width 512 --steps 30
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from .core.nonfinite import POLICIES
-from .core.registry import get
+from ..core.nonfinite import POLICIES
+from ..core.registry import get
 
 __all__ = ["DEFAULT_OPTIMIZERS", "main", "make_model", "single_process", "under_fsdp2"]
 
@@ -182,7 +182,7 @@ def table(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gradstep.bench_fsdp", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gradstep.lab.bench_fsdp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", default=list(DEFAULT_OPTIMIZERS), help="registry names")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--depth", type=int, default=4)

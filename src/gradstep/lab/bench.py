@@ -34,14 +34,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch._dynamo
 
-from .core.nonfinite import POLICIES
-from .core.registry import entries, get
+from ..core.nonfinite import POLICIES
+from ..core.registry import entries, get
 from .peers import implementations
 
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 SAME_AS_PEERS: dict[str, dict[str, float]] = {"sgd": {"momentum": 0.9}, "fastai_sgd": {"momentum": 0.9}}
-"""Hyperparameters that give gradstep the configuration its peers run in :func:`gradstep.peers.implementations`."""
+"""Hyperparameters that give gradstep the configuration its peers run in :func:`gradstep.lab.peers.implementations`."""
 
 
 MODES = ("eager", "compiled", "screened")

@@ -1,6 +1,6 @@
 """The comparison's table and its self-contained HTML report.
 
-Both read the results dict that ``gradstep compare --json`` writes (see :func:`gradstep.cli` for its keys), so the
+Both read the results dict that ``gradstep compare --json`` writes (see :func:`gradstep.lab.cli` for its keys), so the
 terminal table, the HTML table and the JSON always hold the same numbers. The HTML embeds its PNG files as base64
 ``data:`` URIs, so the one file can be mailed or attached to an issue; it also links the files next to it.
 """
