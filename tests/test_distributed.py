@@ -420,6 +420,7 @@ def _reductions(mesh: Any) -> dict[str, list[torch.Tensor]]:
         "split_row_signed_argmax": (red.row_signed_argmax, (batched,), (full_batched,)),
         "tensor_keep_top_k": (red.tensor_keep_top_k, (shard, [7, 3, 2]), (full, [7, 3, 2])),
         "declared_tensor_keep_top_k": (_declared_keep_top_k, (shard, [7, 3, 2]), (full, [7, 3, 2])),
+        "declared_column_means": (_declared_column_means, (shard[::2],), (full[::2],)),
     }
     out = {}
     for name, (fn, sharded_args, full_args) in cases.items():
@@ -445,6 +446,17 @@ def _declared_keep_top_k(xs: list[Any], ks: list[int]) -> list[Any]:
         DTensor.from_local(k, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
         for k, x in zip(kept, xs)
     ]
+
+
+def _declared_column_means(xs: list[Any]) -> list[Any]:
+    """dim_means over dim -2 of the local shards of 2-D DTensors declared by sharded_as (Adafactor's column
+    statistics, which span the split rows): every rank gets the whole result."""
+    from gradstep.core import reductions as red
+
+    if not hasattr(xs[0], "to_local"):
+        return red.dim_means(xs, -2)
+    with red.sharded_as(xs):
+        return red.dim_means([x.to_local() for x in xs], -2)
 
 
 def _whole(x: torch.Tensor) -> torch.Tensor:
@@ -545,6 +557,11 @@ def _check_fsdp2(results: list[dict[str, Any]], name: str, steps: int = STEPS) -
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_name)
 def test_fsdp2_matches_single_process(ranks: list[dict[str, Any]], entry: Entry) -> None:
+    if entry.capabilities.sharding == "unsharded":  # LBFGS: refused on every rank, with a message saying why
+        for r in ranks:
+            outcome = _ok(r["fsdp"])[entry.name]
+            assert isinstance(outcome, str) and "does not support DTensor (FSDP2-sharded) parameters" in outcome
+        return
     _check_fsdp2(ranks, entry.name)
 
 
@@ -560,18 +577,18 @@ def test_fsdp2_on_4_ranks_matches_single_process(ranks4: list[dict[str, Any]], n
 
 def test_the_4_rank_subset_covers_every_sharding_kind() -> None:
     kinds = {registry.get(name).capabilities.sharding for name in FSDP4_NAMES}
-    assert kinds == {e.capabilities.sharding for e in ENTRIES}
+    assert kinds == {e.capabilities.sharding for e in ENTRIES} - {"unsharded"}
 
 
 def test_every_entry_declares_a_sharding_kind() -> None:
-    kinds = {"elementwise", "per-tensor reduction", "whole-tensor", "whole-matrix"}
+    kinds = {"elementwise", "per-tensor reduction", "whole-tensor", "whole-matrix", "unsharded"}
     assert {e.capabilities.sharding for e in ENTRIES} <= kinds
 
 
 REDUCTIONS = (
     "tensor_norms tensor_norms_inf tensor_norms_1 tensor_sums tensor_dots tensor_numels global_norm row_norms row_dots "
     "row_means split_row_norms split_row_l1_norms split_row_means split_keep_top_k split_row_signed_argmax "
-    "tensor_keep_top_k declared_tensor_keep_top_k"
+    "tensor_keep_top_k declared_tensor_keep_top_k declared_column_means"
 ).split()
 
 

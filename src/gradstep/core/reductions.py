@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "dim_means",
     "global_norm",
     "is_split",
     "keep_top_k",
@@ -340,6 +341,49 @@ def row_means(xs: Sequence[Tensor]) -> list[Tensor]:
         return gathered
     means = [_rows(_wide(x)).mean(dim=1).reshape(_row_shape(x)) if x.dim() > 0 else _wide(x) for x in _check_rows(xs)]
     return [_like_rows(m, x, _row_shape(x)) for m, x in zip(means, xs)]
+
+
+def dim_means(xs: Sequence[Tensor], dim: int) -> list[Tensor]:
+    """The mean of each tensor over its dimension ``dim`` (``-1`` or ``-2``), kept as a size-1 dimension.
+
+    Adafactor's and CAME's factored statistics: means over the last dimension (one value per row of the last two
+    dims) and over the second-to-last (one per column). Sharded tensors: FSDP2 splits dim 0, so for a 2-d tensor the
+    mean over dim ``-2`` spans the ranks and is all-reduced (sums and counts); every other one is local. Other
+    placements raise ``NotImplementedError``. Half-precision tensors are reduced in float32.
+    """
+    if any(_is_dtensor(x) for x in xs):
+        # Whole DTensors (not the core's declared local shards): reduced gathered, as in one process.
+        return [dim_means([x.full_tensor() if _is_dtensor(x) else x], dim)[0] for x in xs]  # type: ignore[attr-defined]
+    shardings = _shardings(xs)
+    out: list[Tensor] = []
+    spanning: dict[tuple[Any, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        groups, splits_rows = shardings[i] if shardings is not None else _WHOLE
+        if groups and splits_rows:
+            raise NotImplementedError("gradstep dim_means of shards not split along dim 0")
+        if groups and x.dim() + dim == 0:
+            spanning.setdefault(groups, []).append(i)
+            out.append(_wide(x).sum(dim=dim, keepdim=True))
+        elif x.shape[dim] == 0:
+            out.append(_wide(x).sum(dim=dim, keepdim=True))  # zeros: the mean of nothing is taken as 0, not NaN
+        else:
+            out.append(_wide(x).mean(dim=dim, keepdim=True))
+    if spanning:
+        import torch.distributed as dist
+
+        for groups, idx in spanning.items():
+            # One collective per set of groups: every sum, and each tensor's local count along the split dim.
+            counts = torch.tensor([float(xs[i].shape[dim]) for i in idx], dtype=out[idx[0]].dtype)
+            flat = torch.cat([out[i].reshape(-1) for i in idx] + [counts.to(out[idx[0]].device)])
+            for group in groups:
+                dist.all_reduce(flat, group=group)
+            offset = 0
+            for k, i in enumerate(idx):
+                n = out[i].numel()
+                count = flat[len(flat) - len(idx) + k].clamp(min=1)
+                out[i] = flat[offset : offset + n].view(out[i].shape) / count
+                offset += n
+    return out
 
 
 # Per-row selections and Lp norms of *batched views* (``(N, d1, ..., dm)``, at least 2-d: rai_toolbox's blocks, see

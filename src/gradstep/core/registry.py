@@ -40,12 +40,14 @@ class Capabilities:
         supports_complex: complex parameters are optimized (as pairs of reals).
         supports_sparse: sparse gradients are accepted (declared by the chain's transforms).
         sparse_only: dense gradients are refused (SparseAdam).
-        closure_required: ``step()`` needs a closure.
+        closure_required: ``step()`` needs a closure (declared by the class: ``closure_required = True``).
+        single_group: only one param group is accepted (declared by the class: ``single_group = True``).
         state_tensors: parameter-sized state tensors kept per parameter with the default hyperparameters.
         state_bytes_per_param: bytes of state per float32 parameter element.
         sharding: how the update reads a parameter: ``"elementwise"``, ``"per-tensor reduction"``, ``"whole-tensor"``
             or ``"whole-matrix"`` (a nonlinear function of the whole matrix, e.g. an orthogonalization: a sharded
-            parameter's update is computed from the gathered matrix).
+            parameter's update is computed from the gathered matrix); ``"unsharded"``: sharded (DTensor) parameters
+            are refused.
         projects_params: every step ends by projecting *every* parameter onto a feasible set (a ball, a box), those
             without a gradient and with a zero lr included, so a step can move a parameter that has no gradient
             (declared by :attr:`Entry.projection`; the test matrix checks it against real steps).
@@ -59,6 +61,7 @@ class Capabilities:
     sharding: str
     projects_params: bool = False
     sparse_only: bool = False
+    single_group: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,12 +134,13 @@ class Entry:
         return Capabilities(
             supports_complex=supports_complex,
             supports_sparse=bool(getattr(opt, "_supports_sparse", lambda: False)()),
-            closure_required=False,
+            closure_required=bool(getattr(self.cls, "closure_required", False)),
             state_tensors=len(tensors),
             state_bytes_per_param=sum(t.element_size() for t in tensors),
             sharding=self.sharding,
             projects_params=self.projection is not None,
             sparse_only=getattr(opt, "_sparse_gradients", lambda: "refused")() == "required",
+            single_group=bool(getattr(self.cls, "single_group", False)),
         )
 
 

@@ -7,7 +7,9 @@ from .adamp import AdamP
 from .adan import Adan
 from .adaptive import AdaBelief, AdEMAMix
 from .asgd import ASGD
+from .factored import CAME, Adafactor
 from .layerwise import LAMB, LARC, LARS, RaLars
+from .lbfgs import LBFGS
 from .lion import Lion
 from .mars import MARS
 from .muon import Muon
@@ -23,6 +25,8 @@ from .tadam import TAdam
 __all__ = [
     "ADOPT",
     "ASGD",
+    "Adafactor",
+    "CAME",
     "AdEMAMix",
     "AdaBelief",
     "Adadelta",
@@ -36,6 +40,7 @@ __all__ = [
     "LAMB",
     "LARC",
     "LARS",
+    "LBFGS",
     "LaProp",
     "Lion",
     "MARS",
