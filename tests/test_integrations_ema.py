@@ -6,7 +6,9 @@ warm-up is checked against the figures timm's ModelEmaV3 docstring gives and its
 
 from __future__ import annotations
 
+import importlib.util
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import gradstep
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _model() -> nn.Module:
@@ -154,3 +158,12 @@ def test_copy_to_and_bad_arguments() -> None:
         gradstep.EMA(model, decay=1.5)
     with pytest.raises(TypeError, match="nn.Module"):
         gradstep.EMA([torch.zeros(1)])  # type: ignore[arg-type]
+
+
+def test_the_example_evaluates_the_average_and_restores_the_weights() -> None:
+    spec = importlib.util.spec_from_file_location("example_ema_eval", EXAMPLES / "ema_eval.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    last, averaged = example.main(steps=200)
+    assert averaged < 0.5 * last  # the noisy last iterate is worse than the average here

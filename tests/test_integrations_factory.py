@@ -10,6 +10,8 @@ where a final norm marked ``(99999,)`` joins the last block and unmatched names 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 import gradstep
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 class TinyViT(nn.Module):
@@ -129,3 +133,14 @@ def test_momentum_default_lookahead_prefix_and_parameters_passed_through() -> No
         gradstep.create_optimizer(model, "sgd", nesterow=True)
     with pytest.raises(ValueError, match="unknown optimizer"):
         gradstep.create_optimizer(model, "adamww")
+
+
+def test_the_example_builds_timms_layer_decay_groups(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("example_timm_factory", EXAMPLES / "timm_factory.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    opt = example.main()
+    # stem, three blocks (the final norm joins the last), head: 0.75**4 ... 1, each split by decay.
+    assert [g["lr_scale"] for g in opt.param_groups][::2] == [0.75**4, 0.75**3, 0.75**2, 0.75, 1.0]
+    assert "blocks.2.1.bias, norm.weight, norm.bias" in capsys.readouterr().out

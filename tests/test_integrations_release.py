@@ -3,6 +3,8 @@ the non-finite policies of this mode, and the optimizers it refuses."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,8 @@ import torch
 from torch import nn
 
 import gradstep
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -141,3 +145,11 @@ def test_refused_optimizers_and_policies_name_the_reason() -> None:
         gradstep.step_in_backward(opt)
     _loss(model, 0).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_example_is_bitwise_equal_to_the_normal_loop() -> None:
+    spec = importlib.util.spec_from_file_location("example_step_in_backward", EXAMPLES / "step_in_backward.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main() is True
