@@ -1,7 +1,10 @@
-"""gradstep in PyTorch Lightning: configure_optimizers, gradient clipping, EMA weights for validation, resume.
+"""gradstep in PyTorch Lightning: configure_optimizers, gradient clipping, EMA weights for validation, resume,
+and a schedule-free optimizer switched between train and eval mode.
 
 Run: ``python examples/lightning_train.py`` (CPU, a few seconds). A tiny regression model is trained for two epochs,
-checkpointed, and resumed for two more; the EMA of its weights is what validation sees.
+checkpointed, and resumed for two more; the EMA of its weights is what validation sees. Then a schedule-free SGD
+(the schedulefree package's; gradstep's schedule-free optimizers follow the same train()/eval() protocol) trains
+with ScheduleFreeCallback.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class Regressor(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         groups = gradstep.param_groups(self.net, weight_decay=0.05)  # no decay on biases and the LayerNorm
-        if self.optimizer_name == "sgd_schedulefree":  # any optimizer with train()/eval(); see ScheduleFreeCallback
+        if self.optimizer_name == "sgd_schedulefree":  # any optimizer with train()/eval(): see main()
             import schedulefree
 
             return schedulefree.SGDScheduleFree(self.parameters(), lr=self.lr, warmup_steps=2)
@@ -76,6 +79,11 @@ def main(out: Path, epochs: int = 2) -> Regressor:
     second = trainer(2 * epochs, [EMACallback(decay=0.9)], gradient_clip_val=1.0)
     second.fit(resumed, data(), data(32, seed=1), ckpt_path=checkpoint)
     print(f"val_loss after {2 * epochs} epochs (EMA weights): {float(second.callback_metrics['val_loss']):.4f}")
+    # A schedule-free optimizer must be in train mode to step and in eval mode to evaluate: the callback does it.
+    schedule_free = Regressor("sgd_schedulefree", lr=0.05)
+    third = trainer(epochs, [ScheduleFreeCallback()])
+    third.fit(schedule_free, data(), data(32, seed=1))
+    print(f"schedule-free val_loss after {epochs} epochs: {float(third.callback_metrics['val_loss']):.4f}")
     return resumed
 
 

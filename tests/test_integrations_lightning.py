@@ -145,8 +145,7 @@ def test_schedule_free_callback_switches_modes_around_validation(ex: ModuleType)
 def test_schedule_free_optimizer_trains_and_validates_at_its_averaged_point(ex: ModuleType, source: str) -> None:
     if source == "gradstep" and not hasattr(gradstep, "SGDScheduleFree"):
         pytest.skip("gradstep.SGDScheduleFree is not in this version")
-    import schedulefree
-
+    schedulefree = pytest.importorskip("schedulefree", reason="the test extras install schedulefree")
     cls = schedulefree.SGDScheduleFree if source == "schedulefree" else gradstep.SGDScheduleFree
 
     class Model(ex.Regressor):  # type: ignore[misc, name-defined]
