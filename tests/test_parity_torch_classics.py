@@ -108,7 +108,7 @@ def test_dense_parity_with_torch(name: str, config: int, foreach: bool) -> None:
         return gradstep_cls(torch_groups(groups, first, second), **common)
 
     result = run_with_state(reference, mine, {k: k for k in keys})
-    _record(name, *result.worst())
+    _record(f"{name} vs foreach={foreach}", *result.worst())
     result.assert_within(ASGD_FOREACH_TOL if (name, foreach) == ("asgd", True) else TOL)
 
 
@@ -177,10 +177,25 @@ def test_sparse_gradient_parity_with_torch(name: str, config: int, foreach: bool
             for key in keys:
                 worst[1] = max(worst[1], relative_difference(ref_opt.state[ref_p][key], my_opt.state[my_p][key]))
             assert float(my_opt.state[my_p]["step"]) == float(ref_opt.state[ref_p]["step"]) == t
-    _record(f"{name} (sparse)", *worst)
+    _record(f"{name} sparse vs foreach={foreach}", *worst)
     assert worst[0] <= TOL and worst[1] <= TOL, worst
     # The tables moved, but only the rows that had gradients: untouched rows are the initial ones.
     assert all(relative_difference(p, p0) > 1e-3 for p, p0 in zip(my_params, initial))
+
+
+def test_adagrad_compiled_steps_sparse_tables_eagerly_and_dense_parameters_compiled() -> None:
+    runs = []
+    for compiled in (False, True):
+        modules = _sparse_model(with_dense=True)
+        params = [p for m in modules for p in m.parameters()]
+        opt = gradstep.Adagrad(params, lr=0.1, lr_decay=0.01, compiled=compiled)
+        for t in range(1, 6):
+            opt.zero_grad()
+            _sparse_loss(modules, t).backward()
+            opt.step()
+        runs.append(params)
+    for eager, fast in zip(*runs):
+        assert relative_difference(eager, fast) <= 1e-12
 
 
 def test_sparse_adam_refuses_dense_gradients_naming_the_parameter() -> None:
