@@ -205,9 +205,6 @@ class ScaleByAdafactor(Transform):
             names["exp_avg"] = zeros
         return names
 
-    def needs_whole_group(self, group: dict[str, Any]) -> bool:
-        return False
-
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
         ops, steps = ctx.ops, ctx.steps
         eps1, eps2 = ctx.hyper("eps")
