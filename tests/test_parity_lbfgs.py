@@ -166,3 +166,9 @@ def test_refusals_change_nothing_and_name_the_problem() -> None:
     skipping = LBFGS(params, nonfinite="skip")
     skipping.step(nan_closure)
     assert not skipping.state and all(torch.equal(a, p.detach()) for a, p in zip(before, params))
+
+
+def test_a_group_given_as_a_generator_keeps_every_parameter() -> None:
+    params = make_params(SHAPES)
+    assert LBFGS([{"params": iter(params)}]).param_groups[0]["params"] == params
+    assert LBFGS(iter(params)).param_groups[0]["params"] == params

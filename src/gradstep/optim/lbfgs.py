@@ -44,7 +44,7 @@ HYPERS = (
 
 
 class _Flat:
-    """The layout of the parameters in one flat vector, and the layout-independent arithmetic on such vectors."""
+    """The parameters' layout in one flat vector (torch's), and the moves between the two."""
 
     def __init__(self, views: list[Tensor], dtype: torch.dtype) -> None:
         self.views, self.dtype = views, dtype
@@ -149,7 +149,11 @@ class LBFGS(torch.optim.Optimizer):
         for hyper in HYPERS:
             if hyper.name in param_group:
                 hyper.validate(param_group[hyper.name])
-        for p in param_group["params"] if not isinstance(param_group["params"], Tensor) else [param_group["params"]]:
+        params = param_group["params"]
+        # A generator would be used up by the checks below: a list, as torch makes it (torch refuses a set).
+        params = [params] if isinstance(params, Tensor) else params if isinstance(params, set) else list(params)
+        param_group = {**param_group, "params": params}
+        for p in params:
             if hasattr(p, "device_mesh") and hasattr(p, "placements"):  # a DTensor
                 raise TypeError(
                     "LBFGS does not support DTensor (FSDP2-sharded) parameters: its line search and stopping tests "
