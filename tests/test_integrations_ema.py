@@ -39,13 +39,13 @@ def test_matches_torch_averaged_model_with_the_ema_multi_avg_fn(decay: float) ->
     opt = gradstep.AdamW(model.parameters(), lr=1e-2)
     ema = gradstep.EMA(model, decay=decay, include_buffers=False)
     reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
-    for step in range(30):
+    for step in range(15):
         _train(model, opt, step)
         ema.update()
         reference.update_parameters(model)
     for name, p in reference.module.named_parameters():
         assert torch.equal(ema.shadow[name], p.detach()), name  # the same foreach lerp: bit for bit
-    assert ema.num_updates == 30 == int(reference.n_averaged)
+    assert ema.num_updates == 15 == int(reference.n_averaged)
 
 
 def test_buffers_are_averaged_or_copied_as_timm_does() -> None:
