@@ -198,6 +198,22 @@ def test_adagrad_compiled_steps_sparse_tables_eagerly_and_dense_parameters_compi
         assert relative_difference(eager, fast) <= 1e-12
 
 
+@pytest.mark.parametrize(
+    ("param", "message"),
+    [
+        (torch.zeros(3, layout=torch.sparse_coo), "SparseAdam requires dense parameter tensors"),
+        (torch.zeros(2, 3, dtype=torch.complex64), "SparseAdam does not support complex parameters"),
+    ],
+    ids=["sparse-param", "complex-param"],
+)
+def test_sparse_adam_refuses_what_torch_refuses_at_construction(param: Tensor, message: str) -> None:
+    for params in ([param], [{"params": [param]}]):
+        with pytest.raises(ValueError, match=message):
+            torch.optim.SparseAdam(params)
+        with pytest.raises(ValueError, match=message):
+            gradstep.SparseAdam(params)
+
+
 def test_sparse_adam_refuses_dense_gradients_naming_the_parameter() -> None:
     w = torch.nn.Parameter(torch.ones(3))
     opt = gradstep.SparseAdam([w])

@@ -273,6 +273,14 @@ class SparseAdam(ChainedOptimizer):
         options.setdefault("weight_decay_mode", "decoupled")  # coupled decay would make the gradient dense
         super().__init__(params, [ScaleBySparseAdam()], lr=lr, betas=betas, eps=eps, maximize=maximize, **options)
 
+    def _check_param(self, p: Tensor) -> None:
+        # torch.optim.SparseAdam's construction-time refusals, with its messages.
+        if p.is_sparse:
+            raise ValueError("SparseAdam requires dense parameter tensors (the gradients are the sparse ones)")
+        if p.is_complex():
+            raise ValueError("SparseAdam does not support complex parameters")
+        super()._check_param(p)
+
 
 register(
     Entry(
