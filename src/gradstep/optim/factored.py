@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..core.hypers import REQUIRED, Hyper, beta_triple, boolean, non_negative, positive
-from ..core.ops import Coef, TensorList
+from ..core.ops import PER_TENSOR, Coef, TensorList
 from ..core.optimizer import ChainedOptimizer
 from ..core.reductions import dim_means, tensor_norms, tensor_numels
 from ..core.registry import Entry, register
@@ -104,7 +104,7 @@ class FactoredSecondMoment:
         means = dim_means(rows, -2)
         if floor > 0:
             means = ctx.ops.clamp(means, floor, math.inf)
-        return ctx.ops.div(ctx.ops.mul(rows, cols), means)
+        return ctx.ops.mul(ctx.ops.div(rows, means), cols)  # the division on the small factor: one full-size pass
 
     def inverse_root(self, ctx: GroupStep, idx: list[int]) -> TensorList:
         r""":math:`1/\sqrt{\hat V}` of the parameters ``idx`` (all factored, or all not), as the product of the factors'
@@ -213,8 +213,13 @@ class ScaleByAdafactor(Transform):
         def normalized(idx: list[int]) -> TensorList:
             floor = eps1 if eps1 is not None else torch.finfo(ctx.params[idx[0]].dtype).eps
             # torch floors the factored row mean at eps1 and the estimate at eps1**2, then divides by its root.
-            estimate = ops.clamp(self.moment.estimate(ctx, idx, floor), floor * floor, math.inf)
-            return ops.div([updates[i] for i in idx], ops.sqrt(estimate))
+            estimate = self.moment.estimate(ctx, idx, floor)
+            floored = (
+                [torch.clamp(v, min=floor * floor) for v in estimate]
+                if ops is PER_TENSOR
+                else (list(torch._foreach_clamp_min(estimate, floor * floor)))
+            )
+            return ops.div([updates[i] for i in idx], ops.sqrt(floored))
 
         scaled = _by_kind(ctx, normalized)
 
@@ -227,7 +232,7 @@ class ScaleByAdafactor(Transform):
         if ctx.hyper("scale_parameter"):
             factor = factor * torch.clamp(_rms(ctx.params), min=eps2)
         factor = factor / torch.clamp(_rms(scaled) / ctx.hyper("d"), min=1.0)
-        scaled = ops.mul(scaled, ctx.per_param(factor))
+        ops.mul_(scaled, ctx.per_param(factor))  # scaled is this step's own temporary
         beta1 = ctx.hyper("beta1")
         if beta1 is None:
             return scaled
