@@ -300,9 +300,9 @@ def test_load_state_dict_copies_state_tensors() -> None:
     assert torch.equal(q.detach(), p2.detach())
 
 
-def test_torch_adam_state_dict_into_gradstep_adam_raises_clear_value_error() -> None:
+def test_torch_sgd_state_dict_into_gradstep_adam_raises_clear_value_error() -> None:
     p = nn.Parameter(torch.ones(3))
-    torch_opt = torch.optim.Adam([p], lr=0.1)
+    torch_opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     p.grad = torch.ones(3)
     torch_opt.step()
     opt = gradstep.Adam([nn.Parameter(torch.ones(3))], lr=0.1)

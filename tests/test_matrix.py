@@ -551,7 +551,10 @@ def test_state_dict_round_trip_resumes_bitwise(entry: Entry, dtype: torch.dtype)
     assert_tree_equal(saved["state"], snapshot(resumed)["state"])
     assert_tree_equal(saved["param_groups"], snapshot(resumed)["param_groups"])
     if dtype == torch.bfloat16:
-        assert all(v.dtype == torch.float32 for v in state_tensors(resumed) if v.is_floating_point())
+        # (``step`` counters are float64 whatever the parameter's dtype: exact past 2**24 steps.)
+        steps = {id(s["step"]) for p in resumed_params for s in states_of(resumed, p) if "step" in s}
+        floats = [v for v in state_tensors(resumed) if v.is_floating_point() and id(v) not in steps]
+        assert all(v.dtype == torch.float32 for v in floats)
 
     # Through bytes, loadable with weights_only=True.
     buffer = io.BytesIO()

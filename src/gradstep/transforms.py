@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .core.hypers import Hyper, boolean, non_negative, unit_interval_closed
+from .core.hypers import Hyper, boolean, momentum_factor, non_negative, unit_interval_closed
 from .core.ops import TensorList
 from .core.reductions import global_norm, tensor_norms
 from .core.transform import BufferInit, GroupStep, Transform, zeros
@@ -32,7 +32,7 @@ class Momentum(Transform):
 
     elementwise = True
     hypers = (
-        Hyper("momentum", 0.0, non_negative, "momentum factor"),
+        Hyper("momentum", 0.0, momentum_factor, "momentum factor (in [0, 1])"),
         Hyper("dampening", 0.0, unit_interval_closed, "dampening of the new direction in the buffer"),
         Hyper("nesterov", False, boolean, "Nesterov momentum"),
     )

@@ -50,7 +50,7 @@ class GroupToolsMixin:
         if tuple_valued and not per_group:
             values = [value] * len(self.param_groups)  # a pair such as betas is one value, not one per group
         else:
-            values = spread(value, len(self.param_groups))
+            values = spread(value, len(self.param_groups), name)
         if hyper is not None:
             for v in values:
                 hyper.validate(v)

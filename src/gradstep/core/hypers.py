@@ -9,6 +9,7 @@ value raises ``ValueError`` naming the argument and the value.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,10 @@ __all__ = [
     "beta_pair",
     "beta_triple",
     "boolean",
+    "momentum_factor",
     "non_negative",
     "non_negative_int",
+    "non_negative_or_inf",
     "one_of",
     "optional_positive",
     "optional_bool",
@@ -72,20 +75,33 @@ class Hyper:
 
 
 def _real(value: Any) -> float | None:
-    if isinstance(value, bool):
+    """A real number (numpy scalars included) or a one-element real tensor of any shape, as a float; else None."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        # Construction-time check of a tensor hyperparameter; never runs inside step().
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and (value.is_floating_point() or _is_int(value)):
+        # Construction-time check of a tensor hyperparameter (torch takes any one-element tensor); never in step().
         return float(value.detach().cpu().item())
     return None
 
 
+def _is_int(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
 def non_negative(value: Any) -> str | None:
     x = _real(value)
+    if x is None or not math.isfinite(x) or x < 0:
+        return "must be a finite real number >= 0"
+    return None
+
+
+def non_negative_or_inf(value: Any) -> str | None:
+    """Check for a real number >= 0 where +inf means "no bound" (a cap, a clip range's upper end)."""
+    x = _real(value)
     if x is None or math.isnan(x) or x < 0:
-        return "must be a real number >= 0"
+        return "must be a real number >= 0 (inf: no bound)"
     return None
 
 
@@ -106,6 +122,14 @@ def unit_interval(value: Any) -> str | None:
     x = _real(value)
     if x is None or math.isnan(x) or not 0.0 <= x < 1.0:
         return "must be in [0, 1)"
+    return None
+
+
+def momentum_factor(value: Any) -> str | None:
+    """Check for a momentum factor: a real number in [0, 1] (beyond 1 the buffer grows without bound)."""
+    x = _real(value)
+    if x is None or math.isnan(x) or not 0.0 <= x <= 1.0:
+        return "must be a real number in [0, 1]"
     return None
 
 
@@ -152,14 +176,22 @@ def optional_bool(value: Any) -> str | None:
     return None if value is None or isinstance(value, bool) else "must be None, True or False"
 
 
+@dataclass(frozen=True)
+class _OneOf:
+    """The check of :func:`one_of`: a class, not a closure, so that optimizers holding it can be pickled."""
+
+    choices: tuple[Any, ...]
+
+    def __call__(self, value: Any) -> str | None:
+        ok = any(value is c or (type(value) is type(c) and value == c) for c in self.choices)
+        return None if ok else f"must be one of {', '.join(map(repr, self.choices))}"
+
+
 def one_of(*choices: Any) -> Check:
-    def check(value: Any) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
-
-    return check
+    return _OneOf(tuple(choices))
 
 
-def spread(value: Any, n_groups: int) -> list[Any]:
+def spread(value: Any, n_groups: int, name: str = "a hyperparameter") -> list[Any]:
     """One value per group from a scalar, a list, or a ``slice`` (fastai's discriminative learning rates).
 
     ``slice(lo, hi)`` spreads geometrically from ``lo`` (first group) to ``hi`` (last group); ``slice(hi)`` gives
@@ -167,22 +199,24 @@ def spread(value: Any, n_groups: int) -> list[Any]:
     """
     if isinstance(value, slice):
         if value.step is not None:
-            raise ValueError(f"a slice of values takes no step, got {value!r}")
+            raise ValueError(f"Invalid {name}: a slice of values takes no step, got {value!r}")
         lo, hi = value.start, value.stop
         if hi is None:
-            raise ValueError(f"a slice of values needs a stop, got {value!r}")
+            raise ValueError(f"Invalid {name}: a slice of values needs a stop, got {value!r}")
         if lo is None:
             return [hi / 10] * (n_groups - 1) + [hi]
         if n_groups == 1:
             return [hi]
         if lo <= 0 or hi <= 0:
-            raise ValueError(f"a geometric slice needs positive ends, got {value!r}")
+            raise ValueError(f"Invalid {name}: a geometric slice needs positive ends, got {value!r}")
         return [lo * (hi / lo) ** (i / (n_groups - 1)) for i in range(n_groups)]
     if isinstance(value, (list, tuple)):
         if len(value) == 1:
             return list(value) * n_groups
         if len(value) != n_groups:
-            raise ValueError(f"got {len(value)} values for {n_groups} parameter groups")
+            raise ValueError(
+                f"Invalid {name}: got {len(value)} values for {n_groups} parameter group(s) (one value per group)"
+            )
         return list(value)
     return [value] * n_groups
 
@@ -194,7 +228,7 @@ def expand_hypers(hypers: dict[str, Any], declared: dict[str, Hyper], groups: Se
         spreadable = isinstance(value, slice) or (isinstance(value, list) and hyper is not None and hyper.scalar)
         if not spreadable:
             continue
-        values = spread(value, len(groups))
+        values = spread(value, len(groups), name)
         for group, v in zip(groups, values):
             group.setdefault(name, v)
         hypers[name] = values[-1]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .reductions import tensor_sums
+from .reductions import _all_reduce, _local, _shardings
 
 __all__ = [
     "POLICIES",
@@ -44,39 +44,36 @@ class NonFiniteError(FloatingPointError):
 
 
 def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
-    """A bool vector: whether each tensor's sum is finite (one vectorised pass per tensor, no sync).
+    """A bool vector: whether every element of each tensor is finite (one vectorised pass per tensor, no sync).
 
-    NaN and infinities propagate through a sum, so a tensor with one is flagged. The sum (float32, float64 for
-    float64 tensors) can also overflow on enormous finite values (elements around 1e32 and beyond): such a tensor is
-    flagged too. :func:`first_nonfinite` confirms flagged tensors element by element; the ``"zero"`` policy, which
-    must not sync, does not.
+    Read from each tensor's smallest and largest element, which NaN and infinities reach and which, unlike a sum,
+    cannot overflow: a finite gradient of huge elements (two of 3e38 in float32) is finite, a gradient with one NaN
+    is not. Sharded tensors (DTensors): the local answers are all-reduced, so every rank gets the same flags.
     """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
-    return torch.isfinite(tensor_sums(tensors))
+    shardings = _shardings(tensors)
+    bad = torch.stack([_nonfinite_flag(_local(x)) for x in tensors])
+    return _all_reduce(bad, shardings, "sum") == 0
+
+
+def _nonfinite_flag(x: Tensor) -> Tensor:
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    low, high = torch.aminmax(x)
+    return (~(torch.isfinite(low) & torch.isfinite(high))).to(torch.float32)
 
 
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
     """Index of the first tensor holding a non-finite element, or ``None`` (one host sync; exact).
 
-    Sharded tensors (DTensors): the flags and the confirmation are all-reduced over the mesh, so every rank gets the
-    same answer (and a ``"skip"`` skips on every rank).
+    Sharded tensors (DTensors): the flags are all-reduced over the mesh, so every rank gets the same answer (and a
+    ``"skip"`` skips on every rank).
     """
     flags = finite_flags(tensors)
     if bool(flags.all()):
         return None
-    flagged = (~flags).nonzero()[:, 0].tolist()
-    # The count of non-finite elements of each flagged tensor, summed over the shards (one collective if sharded).
-    counts = tensor_sums([_nonfinite_mask(tensors[i]) for i in flagged])
-    for i, count in zip(flagged, counts.tolist()):
-        if count > 0:
-            return int(i)
-    return None  # only overflowing sums of finite values
-
-
-def _nonfinite_mask(x: Tensor) -> Tensor:
-    # DTensor's isfinite keeps the sharding, so tensor_sums all-reduces the local counts.
-    return (~torch.isfinite(x)).to(torch.float32)
+    return int((~flags).nonzero()[0, 0])
 
 
 def rank_note() -> str:

@@ -17,13 +17,11 @@ optional stochastic rounding of the write), complex parameters (as real views), 
 
 from __future__ import annotations
 
-import itertools
 import math
 import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from copy import deepcopy
 from typing import Any, TypeVar
 
 import torch
@@ -32,6 +30,7 @@ from torch import Tensor
 from .cautious import with_cautious
 from .groups import GroupToolsMixin
 from .hypers import REQUIRED, Hyper, boolean, expand_hypers, non_negative, non_negative_int, one_of, optional_bool
+from .loading import STEP_DTYPE, validated_load
 from .nonfinite import POLICIES, NonFiniteError, finite_flags, first_nonfinite, rank_note
 from .ops import FOREACH, PER_TENSOR, Coef, Direction, Quotient, TensorList, evaluate, is_number
 from .reductions import sharded_as
@@ -204,7 +203,15 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                     raise ValueError(f"{type(self).__name__} needs a value of {name} (no default)")
             for t in self._transforms:
                 t.check_group(group)
-            for p in group["params"]:
+            seen: set[int] = set()
+            for i, p in enumerate(group["params"]):
+                if id(p) in seen:
+                    names = group.get("param_names")
+                    raise ValueError(
+                        f"{type(self).__name__}: parameter {names[i] if names else i} appears twice in one param "
+                        "group (it would be stepped twice)"
+                    )
+                seen.add(id(p))
                 self._check_param(p)
         except (TypeError, ValueError):
             self.param_groups.pop()  # torch appends before our checks; a refused group must not stay
@@ -237,7 +244,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
 
     def _init_param_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            # float64 counts exactly far past float32's 2**24; torch's own loaders take any float step tensor.
+            state["step"] = torch.zeros((), dtype=STEP_DTYPE, device=p.device)
         view = torch.view_as_real(p) if p.is_complex() else p
         dtype = self._state_dtype(group, p)
         for t in self._transforms:
@@ -428,7 +436,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         dtypes = [
             by_dtype.get(p.dtype) or by_dtype.setdefault(p.dtype, self._state_dtype(group, p)) for p in plan.params
         ]
-        hypers = {name: group[name] for name in self.declared_hypers()}
+        hypers = {name: _zero_dim(group[name]) for name in self.declared_hypers()}
         zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
         args = (self._transforms, plan.views, plan.grads, plan.states, dtypes, plan.opt_args, plan.names)
         if group["compiled"]:
@@ -466,72 +474,23 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         sd["gradstep"] = {"optimizer": type(self).__name__, "global_step": self.global_step}
         return sd
 
-    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
-        me = type(self).__name__
-        meta = state_dict.get("gradstep")
-        if meta is not None and meta.get("optimizer") != me:
-            raise ValueError(f"this state_dict was saved by gradstep.{meta.get('optimizer')}, not by {me}")
-        for gi, saved in enumerate(state_dict["param_groups"]):
-            missing = sorted(set(self.defaults) - set(saved))
-            if missing:
-                raise ValueError(
-                    f"{me} cannot load this state_dict: its param group {gi} lacks {', '.join(missing)} "
-                    f"(was it saved by another optimizer?)"
-                )
-            for name, hyper in self.declared_hypers().items():
-                if name in saved:
-                    hyper.validate(saved[name])
-        allowed = set().union(*(self.expected_state_keys(g) for g in state_dict["param_groups"])) or {"step"}
-        for pid, pstate in state_dict["state"].items():
-            extra = sorted(set(pstate) - allowed)
-            if extra:
-                raise ValueError(
-                    f"{me} cannot load this state_dict: state of parameter {pid} has {', '.join(map(str, extra))}, "
-                    f"which {me} does not keep (was it saved by another optimizer?)"
-                )
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict saved by the same optimizer class.
+        """Load a state_dict saved by the same optimizer class, or by its ``torch.optim`` counterpart.
 
-        Unlike ``torch.optim``, state tensors are copied (the source optimizer keeps its own) and keep their saved
-        dtype (fp32 state of bf16 parameters stays fp32). A state_dict from another optimizer raises ``ValueError``.
+        Everything is checked before anything is written (see :mod:`gradstep.core.loading`): a refused dict raises
+        ``ValueError`` or ``TypeError`` and leaves the optimizer exactly as it was. Group keys missing from the dict
+        (older saves, torch.optim's dicts) take this optimizer's defaults, as torch does. Unlike ``torch.optim``,
+        state tensors are copied (the source optimizer keeps its own) and keep their saved dtype (fp32 state of bf16
+        parameters stays fp32); ``step`` counters become float64 tensors.
         """
-        state_dict = dict(state_dict)
+        state_dict = dict(state_dict) if isinstance(state_dict, dict) else state_dict
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        groups = self.param_groups
-        saved_groups = deepcopy(state_dict["param_groups"])
-        if len(groups) != len(saved_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
-            raise ValueError(
-                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
-            )
-        self._check_loadable(state_dict)
-        id_map = dict(
-            zip(
-                itertools.chain.from_iterable(g["params"] for g in saved_groups),
-                itertools.chain.from_iterable(g["params"] for g in groups),
-            )
-        )
-        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
-        for pid, pstate in state_dict["state"].items():
-            param = id_map.get(pid)
-            if param is None:
-                state[pid] = deepcopy(pstate)
-                continue
-            state[param] = {
-                k: v.detach().to(device=param.device, copy=True) if isinstance(v, Tensor) else deepcopy(v)
-                for k, v in pstate.items()
-            }
-        for group, saved in zip(groups, saved_groups):
-            saved["params"] = group["params"]
-            if "param_names" in group and "param_names" not in saved:
-                saved["param_names"] = group["param_names"]
-        self.__setstate__({"state": state, "param_groups": saved_groups})
-        self._counters["global_step"] = _saved_global_step(state_dict)
+        state, groups, global_step = validated_load(self, state_dict)
+        self.__setstate__({"state": state, "param_groups": groups})
+        self._counters["global_step"] = global_step
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -543,20 +502,6 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
     def __repr__(self) -> str:
         chain_text = ", ".join(map(repr, self._transforms))
         return f"{type(self).__name__}[{chain_text}]" + super().__repr__()[len(type(self).__name__) :]
-
-
-def _saved_global_step(state_dict: dict[str, Any]) -> int:
-    """The ``global_step`` a state_dict was saved at.
-
-    torch.distributed.checkpoint's ``get_optimizer_state_dict`` keeps only ``"state"`` and ``"param_groups"``: without
-    the ``"gradstep"`` entry, the count is the largest per-parameter step count, which is the same number whenever
-    some parameter had a gradient at every step (the count of steps that stepped no parameter at all is lost).
-    """
-    meta = state_dict.get("gradstep")
-    if isinstance(meta, dict) and "global_step" in meta:
-        return int(meta["global_step"])
-    steps = [float(s["step"]) for s in state_dict["state"].values() if isinstance(s, dict) and "step" in s]
-    return int(max(steps, default=0.0))
 
 
 def group_step(
@@ -698,6 +643,15 @@ def _as_tensor(value: Any, device: torch.device) -> Any:
     return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
+def _zero_dim(value: Any) -> Any:
+    """A one-element tensor hyperparameter of any shape (torch accepts ``lr=torch.tensor([1e-3])``) as a 0-d view."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.numel() == 1:
+        return value.reshape(())
+    if isinstance(value, tuple):
+        return tuple(_zero_dim(v) for v in value)
+    return value
+
+
 def _zero_flags(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return tuple(_zero_flags(v) for v in value)
@@ -757,8 +711,9 @@ def _to_local(x: Any) -> Any:
 
 
 def _as_groups(params: Any) -> list[dict[str, Any]]:
-    if isinstance(params, Tensor):
-        raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts")
+    if isinstance(params, Tensor) or not isinstance(params, Iterable):
+        got = "a Tensor" if isinstance(params, Tensor) else repr(params) if params is None else type(params).__name__
+        raise TypeError(f"params argument given to the optimizer should be an iterable of Tensors or dicts, got {got}")
     params = list(params)
     if not params:
         raise ValueError("optimizer got an empty parameter list")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.hypers import REQUIRED, Hyper, boolean, non_negative, one_of, positive
+from ..core.hypers import REQUIRED, Hyper, boolean, non_negative, non_negative_or_inf, one_of, positive
 from ..core.ops import Coef, TensorList
 from ..core.optimizer import ChainedOptimizer
 from ..core.reductions import tensor_norms
@@ -52,7 +52,7 @@ def _scale_clip_check(value: Any) -> str | None:
     ok = value is None or (
         isinstance(value, (tuple, list))
         and len(value) == 2
-        and all(non_negative(v) is None for v in value)
+        and all(non_negative_or_inf(v) is None for v in value)
         and value[0] <= value[1]
     )
     return None if ok else "must be None (meaning (0, 10)) or a pair (lo, hi) with 0 <= lo <= hi"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..core.hypers import Hyper, boolean, non_negative, one_of, unit_interval_closed
+from ..core.hypers import Hyper, boolean, momentum_factor, non_negative, one_of, unit_interval_closed
 from ..core.ops import Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
 from ..core.registry import Entry, register
@@ -39,7 +39,7 @@ class ScaleByRms(Transform):
     hypers = (
         Hyper("alpha", 0.99, unit_interval_closed, "decay rate of the squared-gradient average"),
         Hyper("eps", 1e-8, non_negative, "term added to the denominator"),
-        Hyper("momentum", 0.0, non_negative, "momentum factor"),
+        Hyper("momentum", 0.0, momentum_factor, "momentum factor (in [0, 1])"),
         Hyper("centered", False, boolean, "normalise by the estimated variance instead of the second moment"),
         Hyper("bias_correction", False, boolean, "divide the averages by 1 - alpha^t (GoMLX)"),
         Hyper("momentum_on", "scaled", one_of("scaled", "grad"), "torch: momentum of g/s; fastai: of g"),

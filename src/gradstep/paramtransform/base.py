@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -27,7 +28,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..core.groups import GroupToolsMixin
+from ..core.hooks import step_without_global_hooks
 from ..core.hypers import REQUIRED, Hyper
+from ..core.nonfinite import finite_flags
 from ..optim.sgd import SGD
 from .blocks import block_ndim, to_batch
 
@@ -47,7 +51,23 @@ _HOOKS = tuple(
 
 
 def _real(value: Any) -> str | None:
-    return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "must be a real number"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return None if ok else "must be a finite real number"
+
+
+def _param_ndim(value: Any) -> str | None:
+    return (
+        None if value is None or (isinstance(value, int) and not isinstance(value, bool)) else "must be an int or None"
+    )
+
+
+_MISSING = object()
+WRAPPER_HYPERS = (
+    Hyper("param_ndim", -1, _param_ndim, "ndim of each block (negative: offset from the tensor's; None: all)"),
+    Hyper("grad_scale", 1.0, _real, "multiplies each transformed gradient"),
+    Hyper("grad_bias", 0.0, _real, "added to each transformed gradient"),
+)
+"""The group hyperparameters every parameter-transforming optimizer reads."""
 
 
 def _tensors(params: Any) -> list[Tensor]:
@@ -166,10 +186,71 @@ class ParamTransformingOptimizer(Optimizer):
         self._patch_step_function()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.inner_opt.state_dict()
+        """The inner optimizer's state_dict, marked with this class's name (so another transform refuses it)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = self.inner_opt.state_dict()
+        meta = sd.get("gradstep")
+        sd["gradstep"] = {**(meta if isinstance(meta, dict) else {}), "wrapper": type(self).__name__}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict saved by this class; every group is checked before the inner optimizer loads it."""
+        state_dict = dict(state_dict) if isinstance(state_dict, dict) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        me = type(self).__name__
+        meta = state_dict.get("gradstep") if isinstance(state_dict, dict) else None
+        if isinstance(meta, dict) and "wrapper" in meta:
+            if meta["wrapper"] != me:
+                raise ValueError(f"this state_dict was saved by gradstep.{meta['wrapper']}, not by {me}")
+            state_dict["gradstep"] = {k: v for k, v in meta.items() if k != "wrapper"}
+        saved_groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(saved_groups, (list, tuple)) and len(saved_groups) == len(self.param_groups):
+            for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+                if not isinstance(saved, dict):
+                    continue  # the inner optimizer names the problem
+                candidate = {**self.defaults, **saved, "params": group["params"]}
+                try:
+                    self._check_group(candidate)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{me} cannot load this state_dict: param group {gi}: {exc}") from None
         self.inner_opt.load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def declared_hypers(self) -> dict[str, Hyper]:
+        """Every group hyperparameter with its check: the inner optimizer's (gradstep ones) and this class's."""
+        inner = getattr(self.inner_opt, "declared_hypers", None)
+        declared: dict[str, Hyper] = dict(inner()) if inner is not None else {}
+        for h in (*WRAPPER_HYPERS, *self.hypers):
+            declared.setdefault(h.name, h)
+        return declared
+
+    def set_hyper(self, name: str, value: Any) -> None:
+        """Set ``name`` in every group (a slice or a list: one value per group); a refused value changes nothing."""
+        before = [group.get(name, _MISSING) for group in self.param_groups]
+        GroupToolsMixin.set_hyper(self, name, value)  # type: ignore[arg-type]
+        try:
+            for group in self.param_groups:
+                self._check_group(group)
+        except (TypeError, ValueError):
+            for group, old in zip(self.param_groups, before):
+                if old is _MISSING:
+                    group.pop(name, None)
+                else:
+                    group[name] = old
+            raise
+
+    def set_hypers(self, **values: Any) -> None:
+        for name, value in values.items():
+            self.set_hyper(name, value)
 
     def init_state(self) -> None:
         """The inner optimizer's ``init_state()`` (gradstep optimizers); the transforms keep no state."""
@@ -202,6 +283,9 @@ class ParamTransformingOptimizer(Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         name = type(self).__name__
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError(f"{name} does not support complex parameters (its transforms act on real blocks)")
         pnd = group["param_ndim"]
         if pnd is not None and (isinstance(pnd, bool) or not isinstance(pnd, int)):
             raise ValueError(f"Invalid param_ndim: {pnd!r} (must be an int or None)")
@@ -247,15 +331,19 @@ class ParamTransformingOptimizer(Optimizer):
         work on a copy, which is ``param.grad`` only while the inner optimizer steps (see :meth:`_restore_grads`).
         """
         transforms = self._transforms_grads()
+        zeroed = self._screen_user_grads(transforms)
+        if zeroed is None:
+            return  # a non-finite gradient under 'error' or 'skip': the inner step sees it as given, and refuses it
         for group in self.param_groups:
             scale, bias = group["grad_scale"], group["grad_bias"]
-            if not (transforms or scale != 1.0 or bias != 0.0):
+            if not (transforms or scale != 1.0 or bias != 0.0 or zeroed):
                 continue  # nothing to do to these gradients: the inner step reads the user's, unchanged
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 swapped.append((p, p.grad))
-                p.grad = p.grad.clone()  # same layout, so the batched view is the same as the user's grad's
+                # A copy with the same layout, so that the batched view is the same as the user's grad's.
+                p.grad = torch.zeros_like(p.grad) if id(p) in zeroed else p.grad.clone()
                 view = self._view(p, group["param_ndim"])
                 self._pre_step_transform_(view, optim_group=group)
                 g = view.grad
@@ -268,6 +356,42 @@ class ParamTransformingOptimizer(Optimizer):
                     g.mul_(scale)
                 if bias != 0.0:
                     g.add_(bias)
+
+    def _screen_user_grads(self, transforms: bool) -> set[int] | None:
+        """The inner optimizer's non-finite policy, applied to the gradients the user gave, before any transform.
+
+        A transform can hide a NaN or an infinity from the inner optimizer's own screen (a sign, a clamp, a norm),
+        so the policy of each group (``nonfinite``, gradstep inner optimizers) is applied here first. Returns the
+        ids of the parameters whose gradient the ``'zero'`` policy replaces by zeros, or ``None`` when a group
+        under ``'error'`` or ``'skip'`` holds a non-finite gradient (the step then hands the user's gradients to
+        the inner optimizer untransformed, which raises or skips before changing anything). Sparse gradients are
+        refused here, naming the parameter, when the gradients are transformed (the transforms are dense).
+        """
+        zeroed: set[int] = set()
+        for gi, group in enumerate(self.param_groups):
+            with_grad = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+            changes = transforms or group["grad_scale"] != 1.0 or group["grad_bias"] != 0.0
+            for i, p in with_grad:
+                if changes and p.grad.is_sparse:
+                    names = group.get("param_names")
+                    name = names[i] if names else f"param_groups[{gi}]['params'][{i}]"
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name})")
+            policy = group.get("nonfinite")
+            if policy not in ("error", "skip", "zero") or not with_grad:
+                continue
+            flags = finite_flags([p.grad for _, p in with_grad])
+            if policy == "zero":
+                zeroed.update(id(p) for (_, p), ok in zip(with_grad, flags.tolist()) if not ok)
+            elif not bool(flags.all()):
+                return None
+        return zeroed
+
+    def _prepare_step(self) -> None:
+        """Called first by :meth:`step` (subclasses set derived group values here, not by overriding ``step``,
+        which would run torch's step hooks twice)."""
+
+    def _skipped_steps(self) -> int:
+        return int(getattr(self.inner_opt, "skipped_steps", 0))
 
     @staticmethod
     def _restore_grads(swapped: list[tuple[Tensor, Tensor]]) -> None:
@@ -288,11 +412,13 @@ class ParamTransformingOptimizer(Optimizer):
 
         The inner optimizer sees the transformed gradients; ``param.grad`` is the user's, unchanged, after the step.
         """
+        self._prepare_step()
         swapped: list[tuple[Tensor, Tensor]] = []
+        skipped = self._skipped_steps()
         try:
             if closure is None:
                 self._apply_pre_step_transform_(swapped)
-                self.inner_opt.step()
+                step_without_global_hooks(self.inner_opt)
                 loss = None
             else:
 
@@ -304,10 +430,11 @@ class ParamTransformingOptimizer(Optimizer):
                     self._apply_pre_step_transform_(swapped)
                     return result
 
-                loss = self.inner_opt.step(transformed_closure)
+                loss = step_without_global_hooks(self.inner_opt, transformed_closure)
         finally:  # also when a transform or the inner step raises
             self._restore_grads(swapped)
-        self._apply_post_step_transform_()
+        if self._skipped_steps() == skipped:  # a step the non-finite policy skipped moves nothing
+            self._apply_post_step_transform_()
         return loss
 
 

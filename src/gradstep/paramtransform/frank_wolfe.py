@@ -154,12 +154,10 @@ class _BallFrankWolfe(ParamTransformingOptimizer):
         kwargs = _fw_kwargs(epsilon, lr, use_default_lr_schedule, options)
         super().__init__(params, FrankWolfe, param_ndim=param_ndim, div_by_zero_eps=div_by_zero_eps, **kwargs)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def _prepare_step(self) -> None:
         # rai_toolbox fixes the radius at construction; here a group's (or a scheduler's) epsilon is used.
         for group in self.param_groups:
             group["lmo_scaling_factor"] = group["epsilon"]
-        return super().step(closure)
 
 
 def _fw_kwargs(epsilon: float, lr: float, schedule: bool, options: dict[str, Any]) -> dict[str, Any]:
