@@ -77,3 +77,21 @@ def test_resume_from_checkpoint_is_bitwise(ex: ModuleType, tmp_path: Path) -> No
         for key, value in state.items():
             assert torch.equal(value, got["state"][index][key]), (index, key)
     assert straight.lr_scheduler.get_last_lr() == resumed.lr_scheduler.get_last_lr()
+
+
+def test_an_ema_attached_to_the_optimizer_follows_the_trainers_steps(ex: ModuleType, tmp_path: Path) -> None:
+    from transformers import Trainer
+
+    model = ex.tiny_gpt2()
+    optimizer = gradstep.AdamW(gradstep.param_groups(model, weight_decay=0.01), lr=1e-2)
+    ema = gradstep.EMA(model, decay=0.5)
+    ema.attach(optimizer)  # the Trainer steps the optimizer: the EMA updates after each step
+    trainer = Trainer(
+        model=model,
+        args=ex.arguments(tmp_path, 4, gradient_accumulation_steps=2),
+        train_dataset=ex.CountingSequences(),
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    assert optimizer.global_step == 4 and ema.num_updates == 4
+    assert not torch.equal(ema.shadow["transformer.wte.weight"], model.transformer.wte.weight)  # an average

@@ -195,3 +195,11 @@ def test_example_runs_and_learns(ex: ModuleType, tmp_path: Path) -> None:
     untrained = ex.Regressor()
     with torch.no_grad():
         assert nn.functional.mse_loss(model(x), y) < 0.5 * nn.functional.mse_loss(untrained(x), y)
+
+
+def test_ema_callback_updates_once_per_accumulated_step(ex: ModuleType) -> None:
+    callback = ex.EMACallback(decay=0.5)
+    model = ex.Regressor()
+    t = ex.trainer(1, [callback], accumulate_grad_batches=2)
+    t.fit(model, ex.data())  # 4 batches: 2 optimizer steps
+    assert t.global_step == 2 and callback.ema.num_updates == 2
