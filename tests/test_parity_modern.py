@@ -332,9 +332,9 @@ def test_adopt_first_step_only_sets_the_second_moment() -> None:
 # --- MARS ----------------------------------------------------------------------------------------------------------
 
 MARS_CONFIGS = {
-    "wd-groups-ams": Config(
-        {"weight_decay": 0.02, "amsgrad": True, "lr_1d": 5e-3},
-        {"lr": 1e-2},
+    "wd-groups-ams-default-lr-1d": Config(
+        {"lr": 1e-2, "weight_decay": 0.02, "amsgrad": True},
+        {},
         {"lr": 5e-3, "betas": (0.9, 0.98), "gamma": 0.1},
     ),
     "optimize-1d-per-tensor": Config(

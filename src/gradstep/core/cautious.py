@@ -6,6 +6,7 @@ accepts it: the core appends :class:`Cautious` to its chain), and :class:`Cautio
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .hypers import Hyper, boolean
@@ -54,9 +55,8 @@ class Cautious(Transform):
         wd = ctx.param_hyper("weight_decay")
         if ctx.hyper("weight_decay_mode") == "coupled" and not coef_is_zero(wd) and not ctx.is_zero("weight_decay"):
             grads = ops.add(grads, ops.mul(ctx.params, wd))  # the gradient the chain saw (the core added wd * p)
-        # 1 where u * g > 0, else 0, without a comparison kernel: clamp(sign(u * g), 0, 1).
-        mask = ops.mul(updates, grads)
-        mask = ops.clamp(ops.sign(mask), 0.0, 1.0)
+        # 1 where u * g > 0, else 0, without a comparison kernel: max(sign(u * g), 0).
+        mask = ops.clamp(ops.sign(ops.mul(updates, grads)), 0.0, math.inf)
         scale = tensor_numels(mask) / (tensor_sums(mask).to(tensor_numels(mask).dtype) + 1)
         ops.mul_(mask, ctx.per_param(scale))
         return ops.mul(updates, mask)

@@ -14,6 +14,7 @@ tensor per tensor (per-parameter values such as bias corrections or ``opt_args``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -34,6 +35,7 @@ __all__ = [
     "TensorList",
     "evaluate",
     "is_number",
+    "uniform",
 ]
 
 
@@ -71,6 +73,17 @@ def evaluate(updates: Direction) -> TensorList:
             torch._foreach_mul_(out, _coef(updates.scale))
         return out
     return updates
+
+
+def uniform(c: Coef) -> Coef:
+    """A per-tensor coefficient whose values are all the same plain number, as that number (else unchanged).
+
+    Per-parameter values (step counts, bias corrections) are usually equal across a group; as one number they take
+    the single-kernel foreach overloads (``lerp_``, ``addcmul_`` with a scalar) instead of a multiply per list.
+    """
+    if isinstance(c, (list, tuple)) and c and all(is_number(x) for x in c) and all(x == c[0] for x in c):
+        return c[0]  # type: ignore[no-any-return]
+    return c
 
 
 def _at(c: Coef, i: int) -> float | Tensor:
@@ -226,6 +239,13 @@ class ForeachOps(PerTensorOps):
         return Quotient(xs, ys, scale)
 
     def clamp(self, xs: Sequence[Tensor], lo: float, hi: float) -> TensorList:
+        if not xs:
+            return []
+        # One pass for a one-sided bound (max(sqrt(v), eps) and the like), not a second one against infinity.
+        if hi == math.inf:
+            return list(torch._foreach_clamp_min(list(xs), lo))
+        if lo == -math.inf:
+            return list(torch._foreach_clamp_max(list(xs), hi))
         return list(torch._foreach_clamp_max(torch._foreach_clamp_min(list(xs), lo), hi))
 
     def copy_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:

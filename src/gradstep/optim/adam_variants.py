@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..core.hypers import Hyper, beta_pair, boolean, non_negative, non_negative_int, one_of
-from ..core.ops import TensorList
+from ..core.ops import TensorList, is_number, uniform
 from ..core.optimizer import ChainedOptimizer
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, coef_mul, zeros
@@ -56,13 +56,17 @@ class ScaleByADOPT(Transform):
         normed = ops.div(updates, ops.clamp(ops.sqrt(exp_avg_sq), ctx.hyper("eps"), math.inf))
         exponent = ctx.hyper("clip_exponent")
         if exponent is not None:
-            # clamp(x, -c, c) with one c per tensor, as c * clamp(x / c, -1, 1): foreach clamps take one bound.
-            clip = ctx.per_param(torch.pow(ctx.steps, exponent))
-            normed = ops.mul(ops.clamp(ops.div(normed, clip), -1.0, 1.0), clip)
-        ops.lerp_(exp_avg, normed, ctx.per_param(later * (1 - beta1)))
-        ops.mul_(exp_avg_sq, ctx.per_param(later * beta2))
-        ops.addcmul_(exp_avg_sq, updates, updates, ctx.per_param(1 - later * beta2))
-        return ops.mul(exp_avg, ctx.per_param(later))
+            clip = uniform(ctx.per_param(torch.pow(ctx.steps, exponent)))
+            if is_number(clip):
+                normed = ops.clamp(normed, -float(clip), float(clip))  # type: ignore[arg-type]
+            else:
+                # One bound per tensor, as c * clamp(x / c, -1, 1): the foreach clamps take a single bound.
+                normed = ops.mul(ops.clamp(ops.div(normed, clip), -1.0, 1.0), clip)
+        ops.lerp_(exp_avg, normed, uniform(ctx.per_param(later * (1 - beta1))))
+        ops.mul_(exp_avg_sq, uniform(ctx.per_param(later * beta2)))
+        ops.addcmul_(exp_avg_sq, updates, updates, uniform(ctx.per_param(1 - later * beta2)))
+        keep = uniform(ctx.per_param(later))
+        return exp_avg if is_number(keep) and keep == 1 else ops.mul(exp_avg, keep)
 
 
 class ADOPT(ChainedOptimizer):
@@ -90,7 +94,8 @@ class ADOPT(ChainedOptimizer):
         * The clipping schedule is ``clip_exponent`` (:math:`c = t^{\text{exponent}}`), not a ``clip_lambda``
           callable (a function in the param groups would not survive ``state_dict``/``weights_only`` loading);
           ``clip_exponent=None`` is ``clip_lambda=None``.
-        * The clip is computed as ``c * clamp(x / c, -1, 1)``: equal to ``clamp(x, -c, c)`` up to one rounding.
+        * Where the parameters of a group are at different step counts, the clip is computed as
+          ``c * clamp(x / c, -1, 1)``: equal to ``clamp(x, -c, c)`` up to one rounding.
         * The step count is per parameter (pytorch_optimizer: per group, so a parameter that first gets a gradient
           later is stepped there with a zero ``v``). pytorch_optimizer's ``fixed_decay``, ``cautious`` (here the
           core's ``cautious=True``) and ``stable_adamw`` options: only ``cautious`` is provided.

@@ -130,8 +130,9 @@ class MARS(ChainedOptimizer):
         \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
 
     for parameters of at least 2 dims (all with ``optimize_1d=True``); the others take AdamW with ``betas_1d``,
-    lr ``lr_1d`` (kept as ``lr_1d_factor = lr_1d / lr``, so a schedule of lr scales both, as in the original) and
-    ``weight_decay_1d``. The norm of :math:`c_t` is a per-tensor reduction (exact under FSDP2).
+    lr ``lr_1d`` (kept as ``lr_1d_factor = lr_1d / lr`` from the constructor's values, so a schedule of lr scales
+    both, as in the original; 1 when lr is 0) and ``weight_decay_1d``. The norm of :math:`c_t` is a per-tensor
+    reduction (exact under FSDP2).
 
     Yuan, Liu, Wu, Zhou & Gu, 2024. MARS: Unleashing the Power of Variance Reduction for Training Large Models.
     arXiv:2411.10438.
@@ -169,7 +170,7 @@ class MARS(ChainedOptimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         optimize_1d: bool = False,
-        lr_1d: float | None = None,
+        lr_1d: float = 3e-3,
         betas_1d: tuple[float, float] = (0.9, 0.95),
         weight_decay_1d: float = 0.1,
         *,
@@ -177,11 +178,9 @@ class MARS(ChainedOptimizer):
         foreach: bool | None = None,
         **options: Any,
     ) -> None:
-        if lr_1d is not None:
-            if not isinstance(lr_1d, (int, float)) or isinstance(lr_1d, bool) or lr_1d < 0:
-                raise ValueError(f"Invalid lr_1d: {lr_1d!r} (must be a non-negative number)")
-            if float(lr) <= 0:
-                raise ValueError(f"Invalid lr: {lr!r} (must be positive to give lr_1d, which is kept as lr_1d / lr)")
+        if not isinstance(lr_1d, (int, float)) or isinstance(lr_1d, bool) or lr_1d < 0:
+            raise ValueError(f"Invalid lr_1d: {lr_1d!r} (must be a non-negative number)")
+        if isinstance(lr, (int, float, torch.Tensor)) and float(lr) > 0:  # else lr is refused below, or 0: no ratio
             options.setdefault("lr_1d_factor", lr_1d / float(lr))
         super().__init__(
             params,

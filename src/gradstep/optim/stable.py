@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..core.hypers import Hyper, beta_pair, non_negative, one_of
-from ..core.ops import Direction, TensorList
+from ..core.ops import Direction, TensorList, uniform
 from ..core.optimizer import ChainedOptimizer
 from ..core.reductions import tensor_numels, tensor_sums
 from ..core.registry import Entry, register
@@ -65,9 +65,9 @@ class ScaleByStableAdam(Transform):
         power1, power2 = ctx.power(beta1), ctx.power(beta2)
         # 1 - beta_hat = (1 - beta) / (1 - beta^t), written as optimi's beta_hat = (beta^t - beta) / (beta^t - 1).
         beta1_hat, beta2_hat = (power1 - beta1) / (power1 - 1), (power2 - beta2) / (power2 - 1)
-        ops.lerp_(exp_avg, updates, ctx.per_param(1 - beta1_hat))
-        ops.mul_(exp_avg_sq, ctx.per_param(beta2_hat))
-        ops.addcmul_(exp_avg_sq, updates, updates, ctx.per_param(1 - beta2_hat))
+        ops.lerp_(exp_avg, updates, uniform(ctx.per_param(1 - beta1_hat)))
+        ops.mul_(exp_avg_sq, uniform(ctx.per_param(beta2_hat)))
+        ops.addcmul_(exp_avg_sq, updates, updates, uniform(ctx.per_param(1 - beta2_hat)))
         ratio = ops.div(ops.mul(updates, updates), ops.clamp(exp_avg_sq, eps * eps, math.inf))
         numels = tensor_numels(ratio)
         rms = torch.sqrt(tensor_sums(ratio).to(numels.dtype) / numels)
