@@ -13,6 +13,7 @@ or several matrices. This module is the one place where
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -62,7 +63,7 @@ class MatrixView:
             if block.dim() == 2:
                 mats = [block]
             elif mode == "flatten":
-                mats = [block.reshape(block.shape[0], -1)]
+                mats = [block.reshape(block.shape[0], math.prod(block.shape[1:]))]
             else:  # "batch": the leading dimensions index matrices
                 mats = list(block.reshape(-1, block.shape[-2], block.shape[-1]).unbind(0))
             self.matrices += mats

@@ -15,6 +15,7 @@ from .mars import MARS
 from .muon import Muon
 from .nadam import NAdam
 from .nero import NeroPlus
+from .normuon import NorMuon
 from .radam import QHAdam, RAdam
 from .rmsprop import RMSProp, RMSprop
 from .rprop import Rprop
@@ -47,6 +48,7 @@ __all__ = [
     "Muon",
     "NAdam",
     "NeroPlus",
+    "NorMuon",
     "QHAdam",
     "RAdam",
     "RMSProp",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..core.hypers import Hyper, boolean, non_negative, one_of
-from ..core.matrix import NS_DTYPES, matrix_views, orthogonalize
+from ..core.matrix import NS_DTYPES, MatrixView, matrix_views, orthogonalize
 from ..core.ops import PER_TENSOR, Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
 from ..core.reductions import whole_tensors
@@ -110,6 +110,14 @@ class Orthogonalize(Transform):
         Hyper("split_dim", 0, _int, "the dimension split_size cuts"),
     )
 
+    def __init__(self, *, scale_by_shape: bool = True, eps_name: str = "eps") -> None:
+        # NorMuon rescales after its own normalization, and its "eps" is that normalization's: it builds this
+        # transform without the shape factor and with the iteration's epsilon under another name.
+        self.scale_by_shape = scale_by_shape
+        self.eps_name = eps_name
+        kept = [h for h in type(self).hypers if scale_by_shape or h.name != "adjust_lr_fn"]
+        self.hypers = tuple(Hyper(eps_name, h.default, h.check, h.doc) if h.name == "eps" else h for h in kept)  # type: ignore[misc,assignment]
+
     def check_group(self, group: dict[str, Any]) -> None:
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):
@@ -136,8 +144,10 @@ class Orthogonalize(Transform):
         views = matrix_views(wholes, ctx.hyper("tensor_mode"), split_sizes, ctx.hyper("split_dim"))
         matrices = [m for v in views for m in v.matrices]
         dtype = NS_DTYPES.get(ctx.hyper("ns_dtype") or "")
-        coefficients, steps, eps = ctx.hyper("ns_coefficients"), ctx.hyper("ns_steps"), ctx.hyper("eps")
+        coefficients, steps, eps = ctx.hyper("ns_coefficients"), ctx.hyper("ns_steps"), ctx.hyper(self.eps_name)
         results = orthogonalize(matrices, coefficients, steps, eps, dtype, batched=ctx.ops is not PER_TENSOR)
+        if not self.scale_by_shape:
+            return local_parts([view.assemble(results[i : i + len(view.matrices)]) for i, view in _starts(views)])
         fn = ctx.hyper("adjust_lr_fn")
         out, scales, start = [], [], 0
         for view in views:
@@ -149,6 +159,15 @@ class Orthogonalize(Transform):
             out.append(view.assemble(mine))
             scales.append(factors[0])
         return local_parts(ctx.ops.mul(out, scales))
+
+
+def _starts(views: list[MatrixView]) -> list[tuple[int, MatrixView]]:
+    """Each view with the index of its first matrix in the flat list of all the views' matrices."""
+    out, start = [], 0
+    for view in views:
+        out.append((start, view))
+        start += len(view.matrices)
+    return out
 
 
 class Muon(ChainedOptimizer):
