@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,6 +24,15 @@ import gradstep
 pl = pytest.importorskip("pytorch_lightning", reason="the test extras install pytorch-lightning")
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_train.py"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny models: one thread is faster than two fighting over small kernels.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
