@@ -273,6 +273,9 @@ class SparseAdam(ChainedOptimizer):
         options.setdefault("weight_decay_mode", "decoupled")  # coupled decay would make the gradient dense
         super().__init__(params, [ScaleBySparseAdam()], lr=lr, betas=betas, eps=eps, maximize=maximize, **options)
 
+    def _supports_complex(self) -> bool:
+        return False  # as torch.optim.SparseAdam
+
     def _check_param(self, p: Tensor) -> None:
         # torch.optim.SparseAdam's construction-time refusals, with its messages.
         if p.is_sparse:
