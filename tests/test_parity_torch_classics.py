@@ -4,7 +4,8 @@ Dense runs (``run_with_state``): 200 float64 steps, a scalar, a bias vector, a 2
 into two groups with different hyperparameters, three non-default configurations per optimizer, each against torch's
 per-tensor (``foreach=False``) and multi-tensor (``foreach=True``) implementations; every state tensor torch keeps is
 compared under its own name. Sparse runs: embedding tables with ``nn.Embedding(sparse=True)`` gradients (duplicate
-indices included), beside a dense parameter for Adagrad.
+indices included), beside a dense parameter for Adagrad. Last, a torch.optim state_dict taken mid-run loads into the
+gradstep optimizer, which then continues as torch does.
 """
 
 from __future__ import annotations
@@ -255,3 +256,31 @@ def test_nonfinite_sparse_gradient_is_caught_before_any_write() -> None:
     with pytest.raises(FloatingPointError, match="non-finite gradient"):
         opt.step()
     assert not opt.state[emb.weight]
+
+
+# --- torch.optim state_dicts ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_state_dict_loads_and_the_run_continues_as_torch(name: str) -> None:
+    torch_cls, gradstep_cls, _, configs = CASES[name]
+    common, first, second = configs[0]
+    ref_params, my_params = make_params(), make_params()
+
+    def step(opt: torch.optim.Optimizer, params: list[Tensor], t: int) -> None:
+        for i, p in enumerate(params):
+            p.grad = gradient(p.detach(), t, i)
+        opt.step()
+
+    ref = torch_cls(torch_groups(split_groups(ref_params), first, second), **common)
+    for t in range(1, 21):
+        step(ref, ref_params, t)
+    with torch.no_grad():
+        for mine, theirs in zip(my_params, ref_params):
+            mine.copy_(theirs)
+    mine_opt = gradstep_cls(torch_groups(split_groups(my_params), first, second), **common)
+    mine_opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for t in range(21, 61):
+        step(ref, ref_params, t)
+        step(mine_opt, my_params, t)
+    worst = max(relative_difference(a, b) for a, b in zip(ref_params, my_params))
+    _record(f"{name} (from torch state_dict)", worst)
+    assert worst <= TOL

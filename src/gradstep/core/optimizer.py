@@ -410,7 +410,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         group = plan.group
         sparse = [i for i, g in enumerate(plan.grads) if g.is_sparse]
         dense = [i for i, g in enumerate(plan.grads) if not g.is_sparse]
-        hypers = {name: group[name] for name in self.declared_hypers()}
+        hypers = {name: _zero_dim(group[name]) for name in self.declared_hypers()}
         hypers["foreach"] = False
         zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
         group_step(
