@@ -172,3 +172,13 @@ def test_a_group_given_as_a_generator_keeps_every_parameter() -> None:
     params = make_params(SHAPES)
     assert LBFGS([{"params": iter(params)}]).param_groups[0]["params"] == params
     assert LBFGS(iter(params)).param_groups[0]["params"] == params
+
+
+def test_named_parameters_are_accepted_and_named() -> None:
+    model = torch.nn.Linear(3, 2).double()
+    opt = LBFGS(model.named_parameters())
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+    with pytest.raises(ValueError, match="twice"):
+        LBFGS([model.weight, model.weight])
+    with pytest.raises(TypeError, match="params"):
+        LBFGS(None)  # type: ignore[arg-type]

@@ -141,6 +141,8 @@ class LBFGS(torch.optim.Optimizer):
         )
         for hyper in HYPERS:
             hyper.validate(defaults[hyper.name])
+        if params is None or isinstance(params, Tensor):
+            raise TypeError(f"params must be an iterable of Tensors or dicts, got {type(params).__name__}")
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -153,7 +155,10 @@ class LBFGS(torch.optim.Optimizer):
         # A generator would be used up by the checks below: a list, as torch makes it (torch refuses a set).
         params = [params] if isinstance(params, Tensor) else params if isinstance(params, set) else list(params)
         param_group = {**param_group, "params": params}
-        for p in params:
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # named parameters: (name, tensor)
+        if len({id(p) for p in tensors}) != len(tensors):
+            raise ValueError("LBFGS: a parameter appears twice in the param group (it would be stepped twice)")
+        for p in tensors:
             if hasattr(p, "device_mesh") and hasattr(p, "placements"):  # a DTensor
                 raise TypeError(
                     "LBFGS does not support DTensor (FSDP2-sharded) parameters: its line search and stopping tests "
