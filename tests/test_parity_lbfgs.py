@@ -182,3 +182,35 @@ def test_named_parameters_are_accepted_and_named() -> None:
         LBFGS([model.weight, model.weight])
     with pytest.raises(TypeError, match="params"):
         LBFGS(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_torch_state_dict_loads_and_resumes_to_the_bit(line_search_fn: str | None) -> None:
+    hypers = {"lr": 0.5, "max_iter": 4, "history_size": 3, "line_search_fn": line_search_fn}
+    ref_params = make_params(SHAPES)
+    ref = torch.optim.LBFGS(ref_params, **hypers)
+
+    def closure_of(opt: Any, params: list[Tensor], t: int) -> Any:
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = objective(params, t, 2.0)
+            loss.backward()
+            return loss
+
+        return closure
+
+    for t in range(1, 4):
+        ref.step(closure_of(ref, ref_params, t))
+    params = [p.detach().clone().requires_grad_(True) for p in ref_params]
+    mine = LBFGS(params, **hypers)
+    mine.load_state_dict(ref.state_dict())
+    for t in range(4, 8):
+        ref.step(closure_of(ref, ref_params, t))
+        mine.step(closure_of(mine, params, t))
+    assert all(torch.equal(a, b) for a, b in zip(ref_params, params))
+    bad = ref.state_dict()
+    bad["state"][0]["d"] = torch.zeros(3)
+    before = [v.clone() for v in mine.state[params[0]]["old_dirs"]]
+    with pytest.raises(ValueError, match="'d'"):
+        mine.load_state_dict(bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, mine.state[params[0]]["old_dirs"]))

@@ -314,25 +314,60 @@ class LBFGS(torch.optim.Optimizer):
         return orig_loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict; unlike torch, tensors are copied and keep their saved dtype (float32 state stays so)."""
+        """Load a state_dict (gradstep's or torch.optim.LBFGS's), all or nothing.
+
+        Everything is checked before anything is written: one group with as many parameters, valid hyperparameters
+        (those an older dict lacks take the defaults), flat vectors of the right length, finite and floating. Unlike
+        torch, tensors are copied and keep their saved dtype (float32 state of bfloat16 parameters stays so).
+        """
 
         def copy(value: Any) -> Any:
             if isinstance(value, Tensor):
                 return value.detach().clone()
-            if isinstance(value, list):
-                return [copy(v) for v in value]
-            return value
+            return [copy(v) for v in value] if isinstance(value, list) else value
 
-        state_dict = dict(state_dict)
-        state_dict["state"] = {k: {n: copy(v) for n, v in s.items()} for k, s in state_dict["state"].items()}
-        saved = {k: v for k, v in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        params = self.param_groups[0]["params"]
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for pid, p in zip(ids, params):
-            if pid in saved:
-                # torch casts floating-point state to the parameter's dtype: put the saved (copied) tensors back.
-                self.state[p] = {n: copy(v) for n, v in saved[pid].items()}
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.param_groups[0]["params"]):
+            raise ValueError("LBFGS: the state_dict must have one param group with as many parameters as this one")
+        group = {**self.defaults, **{k: v for k, v in groups[0].items() if k != "params"}}
+        for hyper in HYPERS:
+            hyper.validate(group[hyper.name])
+        params, flat = self._layout()
+        saved = state_dict["state"].get(groups[0]["params"][0], {})
+        _check_state(saved, sum(flat.sizes))
+        super().load_state_dict({"state": {}, "param_groups": [{**group, "params": groups[0]["params"]}]})
+        self.state.clear()
+        if saved:
+            self.state[params[0]] = {k: copy(v) for k, v in saved.items()}
+
+
+_VECTORS = ("d", "prev_flat_grad")
+_HISTORY = ("old_dirs", "old_stps")
+_KEYS = {"func_evals", "n_iter", "t", "ro", "H_diag", "prev_loss", "al", *_VECTORS, *_HISTORY}
+
+
+def _check_state(state: dict[str, Any], n: int) -> None:
+    """Refuse (``ValueError``) a saved LBFGS state that a step could not use."""
+
+    def flat_vector(key: str, v: Any) -> None:
+        if not isinstance(v, Tensor) or not v.is_floating_point() or v.shape != (n,) or not bool(v.isfinite().all()):
+            raise ValueError(f"LBFGS: state {key!r} must be a finite floating-point vector of {n} elements")
+
+    unknown = set(state) - _KEYS
+    if unknown:
+        raise ValueError(f"LBFGS: unknown state {sorted(unknown)} (was this state_dict saved by another optimizer?)")
+    if "d" not in state and "prev_flat_grad" not in state:
+        return  # no iteration yet (counters only)
+    missing = {"t", "ro", "H_diag", "prev_loss", *_VECTORS, *_HISTORY} - set(state)
+    if missing:
+        raise ValueError(f"LBFGS: the state lacks {sorted(missing)}")
+    for key in _VECTORS:
+        flat_vector(key, state[key])
+    for key in _HISTORY:
+        if not isinstance(state[key], list) or len(state[key]) != len(state["ro"]):
+            raise ValueError(f"LBFGS: state {key!r} must be a list as long as 'ro'")
+        for i, v in enumerate(state[key]):
+            flat_vector(f"{key}[{i}]", v)
 
 
 register(
