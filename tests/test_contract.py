@@ -137,6 +137,12 @@ EXPECTED_DIFFERENCES: dict[tuple[str, str], str] = {
         "has no validated set_hyper"
         for check in ("refused_dict", "generic_errors", "set_hyper")
     },
+    **{
+        (name, check): "Lookahead-style wrappers: state_dict hooks bypassed, global step hooks fired by the inner "
+        "optimizer too, and a refused dict partly applied"
+        for name in ("lookahead", "ranger", "scout")
+        for check in ("state_dict_hooks", "step_hooks", "refused_dict")
+    },
     ("optim_wrapper", "complex"): "OptimWrapper accepts complex parameters whatever the inner optimizer supports",
     ("optim_wrapper", "state_dict_hooks"): "OptimWrapper returns its inner optimizer's state_dict without its hooks",
     ("optim_wrapper", "load_hooks"): "OptimWrapper loads through its inner optimizer without its own hooks",
