@@ -63,7 +63,8 @@ DEADLINE4_S = 240
 ENTRIES: list[Entry] = [e for e in registry.entries() if not e.capabilities.sparse_only]
 # Also run on 4 ranks: elementwise (adamw); per-tensor reductions (lamb, lars, neroplus's row and whole-tensor
 # statistics, the L2-normed gradient and the L2-ball projection of the wrappers, adamp's cosines); whole-tensor ones
-# (top-q selections of a whole tensor, Scout's coherence); whole-matrix ones (Muon). A run whose ranks disagree on a
+# (top-q selections of a whole tensor, Scout's coherence); whole-matrix ones (Muon); whole-model reductions
+# (Prodigy's estimate of d, summed over all groups). A run whose ranks disagree on a
 # collective hangs until the process group's timeout and leaves the group unusable for the runs after it: every run
 # still gets its own result, but those later ones fail too (read the first failure).
 FSDP4_NAMES = (
@@ -77,6 +78,7 @@ FSDP4_NAMES = (
     "scout",
     "adamp",
     "muon",
+    "prodigy",
 )
 # Optimizers also run under DDP and ZeRO: elementwise and per-tensor-reduction ones.
 DDP_NAMES = ("adamw", "lamb", "adamp", "lars", "tadam")
@@ -581,7 +583,14 @@ def test_the_4_rank_subset_covers_every_sharding_kind() -> None:
 
 
 def test_every_entry_declares_a_sharding_kind() -> None:
-    kinds = {"elementwise", "per-tensor reduction", "whole-tensor", "whole-matrix", "unsharded"}
+    kinds = {
+        "elementwise",
+        "per-tensor reduction",
+        "whole-tensor",
+        "whole-matrix",
+        "whole-model reduction",
+        "unsharded",
+    }
     assert {e.capabilities.sharding for e in ENTRIES} <= kinds
 
 

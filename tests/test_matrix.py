@@ -33,7 +33,14 @@ ENTRIES: list[Entry] = registry.entries()
 DEFAULTS: dict[str, dict[str, Any]] = {e.name: e.hyperparameters() for e in ENTRIES}
 STEPS = 6
 SHAPES: tuple[tuple[int, ...], ...] = ((3, 4), (5,))
-SHARDING_KINDS = {"elementwise", "per-tensor reduction", "whole-tensor", "whole-matrix", "unsharded"}
+SHARDING_KINDS = {
+    "elementwise",
+    "per-tensor reduction",
+    "whole-tensor",
+    "whole-matrix",
+    "whole-model reduction",
+    "unsharded",
+}
 
 GradFn = Callable[[Tensor, int], "Tensor | None"]
 
@@ -333,6 +340,9 @@ def test_each_group_uses_its_own_hyperparameters(entry: Entry) -> None:
         with pytest.raises(ValueError, match="parameter groups"):
             build(entry, [{"params": make_params()[:1]}, {"params": make_params()[1:]}])
         return
+    if entry.capabilities.sharding == "whole-model reduction":
+        _check_groups_sharing_one_step_size(entry)
+        return
     lr = entry.example["lr"]
     second: dict[str, Any] = {"lr": lr * 0.3}
     if "weight_decay" in DEFAULTS[entry.name]:
@@ -350,6 +360,25 @@ def test_each_group_uses_its_own_hyperparameters(entry: Entry) -> None:
     run(entry, opt2, [c1])
     for got, want in zip([a, b, c], [a1, b1, c1]):
         torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=0)
+
+
+def _check_groups_sharing_one_step_size(entry: Entry) -> None:
+    """D-Adaptation and Prodigy estimate one step size from the whole model: groups cannot be stepped apart (and must
+    share lr), but each group's weight decay is its own, and an empty group changes nothing."""
+    second = {"weight_decay": 0.05}
+    a, b, c = make_params([(3, 4), (5,), (2, 3)])
+    opt = build(entry, [{"params": []}, {"params": [a, b]}, {"params": [c], **second}])
+    assert opt.param_groups[2]["weight_decay"] == 0.05
+    run(entry, opt, [a, b, c])
+    a1, b1, c1 = clone_params(make_params([(3, 4), (5,), (2, 3)]))
+    run(entry, build(entry, [{"params": [a1, b1]}, {"params": [c1], **second}]), [a1, b1, c1])
+    for got, want in zip([a, b, c], [a1, b1, c1]):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=0)
+    # float64: the first steps of an estimate that starts from d0 = 1e-6 move the parameters by little
+    decayed, plain = make_params([(2, 3)], torch.float64), make_params([(2, 3)], torch.float64)
+    run(entry, build(entry, [{"params": decayed, **second}]), decayed)
+    run(entry, build(entry, [{"params": plain}]), plain)
+    assert not torch.equal(decayed[0].detach(), plain[0].detach()), "the group's weight decay had no effect"
 
 
 # --- 6. closure -----------------------------------------------------------------------------------------------------

@@ -342,11 +342,20 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         if not self._screen(plans):
             self._counters["skipped_steps"] += 1
             return loss
+        self._prepare_step(plans)
         for plan in plans:
             if plan.params:
                 self._update_group(plan)
         self._counters["global_step"] += 1
         return loss
+
+    def _prepare_step(self, plans: list[_Plan]) -> None:
+        """Called once per step after the gradient screen, before any group is stepped (nothing is written yet).
+
+        Optimizers whose step depends on statistics of the whole model (D-Adaptation's and Prodigy's estimate of
+        the distance to the solution) or on counters kept in the param groups (schedule-free averaging) compute
+        them here and leave them in the groups, where :attr:`Transform.group_values` hands them to the chain.
+        """
 
     def _update_group(self, plan: _Plan) -> None:
         group = plan.group
@@ -437,6 +446,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             by_dtype.get(p.dtype) or by_dtype.setdefault(p.dtype, self._state_dtype(group, p)) for p in plan.params
         ]
         hypers = {name: _zero_dim(group[name]) for name in self.declared_hypers()}
+        values = {name for t in self._transforms for name in t.group_values}
+        hypers.update((name, group[name]) for name in values)
         zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
         args = (self._transforms, plan.views, plan.grads, plan.states, dtypes, plan.opt_args, plan.names)
         if group["compiled"]:
@@ -444,6 +455,9 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             device = plan.views[0].device
             for name in SCHEDULED_HYPERS:
                 if name in hypers:
+                    hypers[name] = _as_tensor(hypers[name], device)
+            for name in values:  # numbers that change every step: tensors, or every step would recompile
+                if isinstance(hypers[name], float):
                     hypers[name] = _as_tensor(hypers[name], device)
             compiled = self.__dict__.setdefault("_compiled_steps", {})
             key = id(group)

@@ -43,6 +43,7 @@ __all__ = [
     "tensor_numels",
     "tensor_sums",
     "whole_tensors",
+    "WholeModelSum",
 ]
 
 
@@ -539,3 +540,51 @@ def whole_tensors(xs: Sequence[Tensor]) -> tuple[list[Tensor], Callable[[Sequenc
         return out
 
     return wholes, parts
+
+
+class WholeModelSum:
+    """Sums over every parameter of the model, all groups together: the whole-model reduction.
+
+    D-Adaptation and Prodigy estimate one step size from sums over the whole model (inner products and norms of all
+    parameters). The optimizer adds each group's per-tensor partial sums (computed on plain tensors, or on the local
+    shards declared by :func:`sharded_as`) with :meth:`add`, then :meth:`total` returns the model-wide sums, the same
+    on every rank: partial sums of split tensors are all-reduced over their process groups, one collective per
+    distinct set of groups (FSDP2: one in all), and those of whole tensors (replicated, or outside any sharding)
+    are added once. Ranks must add the same tensors in the same order (as they step the same groups).
+    """
+
+    def __init__(self) -> None:
+        self._whole: Tensor | None = None
+        self._split: dict[tuple[Any, ...], Tensor] = {}
+
+    def add(self, xs: Sequence[Tensor], partials: Tensor) -> None:
+        """Add ``partials`` (shape ``(len(xs), k)``: row ``i`` holds this rank's partial sums of ``xs[i]``)."""
+        if not len(xs):
+            return
+        shardings = _shardings(xs)
+        partials = partials.reshape(len(xs), -1)
+        by_groups: dict[tuple[Any, ...], list[int]] = {}
+        for i in range(len(xs)):
+            groups = shardings[i][0] if shardings is not None else ()
+            by_groups.setdefault(groups, []).append(i)
+        for groups, idx in by_groups.items():
+            part = partials[idx].sum(dim=0)
+            if not groups:
+                self._whole = part if self._whole is None else self._whole + part
+            else:
+                self._split[groups] = self._split[groups] + part if groups in self._split else part
+
+    def total(self, k: int, dtype: torch.dtype = torch.float64, device: Any = None) -> Tensor:
+        """The ``k`` model-wide sums (zeros when nothing was added)."""
+        out = torch.zeros(k, dtype=dtype, device=device)
+        if self._whole is not None:
+            out = out + self._whole.to(out)
+        if self._split:
+            import torch.distributed as dist
+
+            for groups, part in self._split.items():
+                part = part.to(out).contiguous()
+                for group in groups:
+                    dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+                out = out + part
+        return out

@@ -46,8 +46,9 @@ class Capabilities:
         state_bytes_per_param: bytes of state per float32 parameter element.
         sharding: how the update reads a parameter: ``"elementwise"``, ``"per-tensor reduction"``, ``"whole-tensor"``
             or ``"whole-matrix"`` (a nonlinear function of the whole matrix, e.g. an orthogonalization: a sharded
-            parameter's update is computed from the gathered matrix); ``"unsharded"``: sharded (DTensor) parameters
-            are refused.
+            parameter's update is computed from the gathered matrix); ``"whole-model reduction"`` (sums over every
+            parameter of every group, such as D-Adaptation's estimate: local partial sums all-reduced once per step);
+            ``"unsharded"``: sharded (DTensor) parameters are refused.
         projects_params: every step ends by projecting *every* parameter onto a feasible set (a ball, a box), those
             without a gradient and with a zero lr included, so a step can move a parameter that has no gradient
             (declared by :attr:`Entry.projection`; the test matrix checks it against real steps).

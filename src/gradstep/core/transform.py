@@ -180,6 +180,11 @@ class Transform:
     steps the parameters with sparse gradients apart, per tensor (``foreach=False``), and hands such a transform a
     list of sparse tensors; every transform of the chain must accept them."""
 
+    group_values: ClassVar[tuple[str, ...]] = ()
+    """Keys of the param group that the optimizer updates every step (not hyperparameters: no constructor argument,
+    e.g. D-Adaptation's ``d``), read by :meth:`update` like hyperparameters. Floats among them reach the compiled
+    fast path as 0-d tensors, so that their changes do not recompile."""
+
     def check_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for a combination of hyperparameters that cannot work together."""
 

@@ -11,6 +11,7 @@ from .factored import CAME, Adafactor
 from .layerwise import LAMB, LARC, LARS, RaLars
 from .lbfgs import LBFGS
 from .lion import Lion
+from .lr_free import DAdaptAdaGrad, DAdaptAdam, DAdaptSGD, Prodigy
 from .mars import MARS
 from .muon import Muon
 from .nadam import NAdam
@@ -19,6 +20,7 @@ from .normuon import NorMuon
 from .radam import QHAdam, RAdam
 from .rmsprop import RMSProp, RMSprop
 from .rprop import Rprop
+from .schedule_free import AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree
 from .sgd import SGD
 from .stable import StableAdamW
 from .tadam import TAdam
@@ -33,11 +35,15 @@ __all__ = [
     "Adadelta",
     "Adagrad",
     "Adam",
+    "AdamWScheduleFree",
     "AdamP",
     "AdamTF",
     "AdamW",
     "Adamax",
     "Adan",
+    "DAdaptAdaGrad",
+    "DAdaptAdam",
+    "DAdaptSGD",
     "LAMB",
     "LARC",
     "LARS",
@@ -49,13 +55,16 @@ __all__ = [
     "NAdam",
     "NeroPlus",
     "NorMuon",
+    "Prodigy",
     "QHAdam",
+    "RAdamScheduleFree",
     "RAdam",
     "RMSProp",
     "RMSprop",
     "RaLars",
     "Rprop",
     "SGD",
+    "SGDScheduleFree",
     "SparseAdam",
     "StableAdamW",
     "TAdam",
