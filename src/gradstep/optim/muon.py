@@ -118,6 +118,11 @@ class Orthogonalize(Transform):
         kept = [h for h in type(self).hypers if scale_by_shape or h.name != "adjust_lr_fn"]
         self.hypers = tuple(Hyper(eps_name, h.default, h.check, h.doc) if h.name == "eps" else h for h in kept)  # type: ignore[misc,assignment]
 
+    def needs_whole_group(self, group: dict[str, Any]) -> bool:
+        # The eager path otherwise steps a group in chunks of ~4M elements: large matrices would then come one per
+        # chunk and never be batched with their like.
+        return True
+
     def check_group(self, group: dict[str, Any]) -> None:
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):
