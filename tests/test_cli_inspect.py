@@ -246,22 +246,27 @@ def test_inspect_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_pat
         assert got == status and err.startswith("gradstep: error: inspect: ") and err.count("\n") == 1, err
         return err
 
+    # A checkpoint that cannot be read is bad input: status 2, as documented (1 is for failures while running).
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
-    assert "is not a torch checkpoint" in error(str(text), status=1)
+    assert "is not a torch checkpoint" in error(str(text), status=2)
+    damaged = tmp_path / "damaged.pt"
+    torch.save({"state": {}, "param_groups": []}, damaged)
+    damaged.write_bytes(damaged.read_bytes()[:200])  # a zip archive cut short
+    assert "damaged.pt" in error(str(damaged), status=2)
 
     pickled = tmp_path / "namespace.pt"
     torch.save({"args": argparse.Namespace(lr=0.1)}, pickled)
-    assert "holds argparse.Namespace objects" in error(str(pickled), status=1)
-    assert "--allow-pickle" in error(str(pickled), status=1)
-    assert "holds no optimizer state_dict" in error(str(pickled), "--allow-pickle", status=1)
+    assert "holds argparse.Namespace objects" in error(str(pickled), status=2)
+    assert "--allow-pickle" in error(str(pickled), status=2)
+    assert "holds no optimizer state_dict" in error(str(pickled), "--allow-pickle", status=2)
 
     model = make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train(model, sgd, range(1))
     path = tmp_path / "sgd.pt"
     torch.save(sgd.state_dict(), path)
-    assert "looks like a torch.optim.SGD" in error(str(path), "--convert-to", "adam", "--output", "x.pt", status=1)
+    assert "looks like a torch.optim.SGD" in error(str(path), "--convert-to", "adam", "--output", "x.pt", status=2)
     assert "must not be the checkpoint" in error(str(path), "--convert-to", "sgd", "--output", str(path), status=2)
     assert "no optimizer state_dict at key 'opt'" in error(str(path), "--key", "opt", status=2)
     assert not Path("x.pt").exists()

@@ -195,6 +195,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         for name, value in param_group.items():
             if name in declared:
                 declared[name].validate(value)
+        self._refuse_shared_params(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -216,6 +217,23 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()  # torch appends before our checks; a refused group must not stay
             raise
+
+    def _refuse_shared_params(self, param_group: dict[str, Any]) -> None:
+        """A parameter already in another group is refused by name (torch's message names none of them)."""
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, (list, tuple, set)):
+            params = param_group["params"] = list(params)  # a generator is read once: keep what it gave
+        where = {id(p): g for g, group in enumerate(getattr(self, "param_groups", [])) for p in group["params"]}
+        names = param_group.get("param_names")
+        for i, p in enumerate(params):
+            if id(p) in where:
+                name = repr(names[i]) if names else f"{i} (shape {tuple(p.shape)})"
+                raise ValueError(
+                    f"{type(self).__name__}: parameter {name} of param group {len(self.param_groups)} is already in "
+                    f"param group {where[id(p)]}; a parameter may be in one group only"
+                )
 
     def _check_param(self, p: Tensor) -> None:
         if p.is_complex() and not self._supports_complex():

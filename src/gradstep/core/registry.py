@@ -8,6 +8,7 @@ class with other defaults (fastai's and GoMLX's configurations).
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -110,6 +111,10 @@ class Entry:
         return tuple(dict.fromkeys(self.required + tuple(k for k, v in self.preset.items() if v is REQUIRED)))
 
     def __call__(self, params: Any, **hypers: Any) -> torch.optim.Optimizer:
+        # Named here, by the preset's name: the class would name itself (Adam, not fastai_adam).
+        missing = [k for k in self.required_args if k not in hypers]
+        if missing:
+            raise ValueError(f"{self.name} needs a value of {', '.join(missing)} (no default)")
         return self.cls(params, **{**self.preset, **hypers})
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -176,7 +181,9 @@ def get(name: str) -> Entry:
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(available())}") from None
+        close = difflib.get_close_matches(name.lower(), available(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown optimizer {name!r}{hint}; available: {', '.join(available())}") from None
 
 
 def create(name: str, params: Iterable[Any], **hypers: Any) -> torch.optim.Optimizer:
@@ -196,16 +203,18 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """Parse ``"name"``, ``"name(k=v, ...)"`` or the command line's ``"name:k=v,..."`` into a name and literals."""
     text = spec.strip()
     colon_form = re.match(r"^\s*([A-Za-z_]\w*)\s*:(.*)$", text, re.DOTALL)
+    # Errors are answered in the syntax the spec was written in: the command line's, or the config's.
+    form = "name:key=value,..." if colon_form else "name(key=value, ...)"
     if colon_form:
         text = f"{colon_form.group(1)}({colon_form.group(2)})"
     try:
         node = ast.parse(text, mode="eval").body
     except SyntaxError as exc:
-        raise ValueError(f"cannot parse optimizer spec {spec!r}: {exc.msg}") from None
+        raise ValueError(f"cannot parse optimizer spec {spec!r} ({exc.msg}): it must look like {form}") from None
     if isinstance(node, ast.Name):
         return node.id, {}
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
-        raise ValueError(f"optimizer spec {spec!r} must look like name(key=value, ...)")
+        raise ValueError(f"optimizer spec {spec!r} must look like {form}")
     hypers: dict[str, Any] = {}
     for kw in node.keywords:
         if kw.arg is None:

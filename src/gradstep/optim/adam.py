@@ -54,7 +54,12 @@ class ScaleByAdam(Transform):
         BETAS,
         Hyper("eps", 1e-8, non_negative, "term added to the denominator"),
         Hyper("amsgrad", False, boolean, "use the running maximum of v (Reddi et al., 2018)"),
-        Hyper("eps_mode", "torch", one_of("torch", "tf"), "torch: sqrt(v_hat) + eps; tf: sqrt(v) + eps"),
+        Hyper(
+            "eps_mode",
+            "torch",
+            one_of("torch", "tf"),
+            "where eps goes: 'torch': sqrt(v_hat) + eps, v_hat = v/(1-beta2^t); 'tf': (sqrt(v) + eps)/sqrt(1-beta2^t)",
+        ),
     )
 
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:

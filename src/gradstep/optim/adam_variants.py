@@ -159,7 +159,12 @@ class ScaleByLaProp(Transform):
         Hyper("centered", False, boolean, "subtract the squared EMA of g from v (after the warm-up steps)"),
         Hyper("steps_before_using_centered", 10, non_negative_int, "steps before the centering is used"),
         Hyper("amsgrad", False, boolean, "use the running maximum of v"),
-        Hyper("eps_mode", "torch", one_of("torch", "tf"), "torch: sqrt(v_hat) + eps; tf: (sqrt(v) + eps)/sqrt(bc2)"),
+        Hyper(
+            "eps_mode",
+            "torch",
+            one_of("torch", "tf"),
+            "where eps goes: 'torch': sqrt(v_hat) + eps, v_hat = v/(1-beta2^t); 'tf': (sqrt(v) + eps)/sqrt(1-beta2^t)",
+        ),
     )
 
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:

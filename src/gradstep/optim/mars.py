@@ -72,7 +72,12 @@ class ScaleByMARS(Transform):
         Hyper("gamma", 0.025, non_negative, "strength of the gradient correction"),
         Hyper("eps", 1e-8, non_negative, "term added to the denominator"),
         Hyper("amsgrad", False, boolean, "use the running maximum of v"),
-        Hyper("eps_mode", "torch", one_of("torch", "tf"), "torch: sqrt(v_hat) + eps; tf: (sqrt(v) + eps)/sqrt(bc2)"),
+        Hyper(
+            "eps_mode",
+            "torch",
+            one_of("torch", "tf"),
+            "where eps goes: 'torch': sqrt(v_hat) + eps, v_hat = v/(1-beta2^t); 'tf': (sqrt(v) + eps)/sqrt(1-beta2^t)",
+        ),
         Hyper("optimize_1d", False, boolean, "MARS for parameters of fewer than 2 dims too (else AdamW)"),
         Hyper("betas_1d", (0.9, 0.95), beta_pair, "decay rates of the AdamW side", scalar=False),
         Hyper("lr_1d_factor", 1.0, non_negative, "lr of the AdamW side, as a multiple of lr"),

@@ -83,7 +83,10 @@ class ScaleByRAdam(Transform):
         BETAS,
         Hyper("eps", 1e-8, non_negative, "term added to the denominator"),
         Hyper(
-            "eps_mode", "torch", one_of("torch", "tf"), "torch: sqrt(v_hat) + eps (fastai); tf: sqrt(v) + eps (torch)"
+            "eps_mode",
+            "torch",
+            one_of("torch", "tf"),
+            "where eps goes: 'torch': sqrt(v_hat) + eps, v_hat = v/(1-beta2^t); 'tf': (sqrt(v) + eps)/sqrt(1-beta2^t)",
         ),
         Hyper("bias_correction", True, boolean, "divide m and v by 1 - beta^t"),
         Hyper("beta", 0.0, non_negative, "SAdam: softplus_beta of the denominator when > 0 (0: off)"),

@@ -107,7 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch CPU threads (default: 1; the models are small, and more threads only add noise to the timings)",
     )
-    p.add_argument("--out", metavar="DIR", help="where the report goes (default: gradstep-out/compare-TASK)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where the report goes (default: gradstep-out/compare-TASK, or compare-TASK-2, -3, ... when it already "
+        "holds one)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the report already in --out DIR")
     p.add_argument("--no-report", action="store_true", help="write no files (the table only)")
     _add_json(p, "the results, with every curve,")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (none either when not a TTY)")
@@ -139,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         metavar="DIR",
-        help="where the plot and JSON go (default: gradstep-out/lr-find-TASK)",
+        help="where the plot and JSON go (default: gradstep-out/lr-find-TASK, or lr-find-TASK-2, -3, ... when it "
+        "already holds one)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out DIR")
     p.add_argument("--no-report", action="store_true", help="write no files")
     _add_json(p, "the lrs, losses and suggestions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

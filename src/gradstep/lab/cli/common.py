@@ -188,11 +188,39 @@ def _check_out_dir(path: str) -> None:
         raise CommandError(f"--out {path}: permission denied")
 
 
-def _make_out_dir(path: str) -> None:
+_REPORT_FILES = ("results.json", "report.html", "lr-find.json")
+
+
+def _out_dir(path: str | None, default: str, overwrite: bool) -> str:
+    """The directory a command writes into. A report is never replaced without a word: the default directory
+    becomes ``DEFAULT-2``, ``DEFAULT-3``, ... when it already holds one; a ``--out`` given holding one is refused
+    unless ``--overwrite``."""
+
+    def holds_report(directory: str) -> bool:
+        return any(os.path.exists(os.path.join(directory, name)) for name in _REPORT_FILES)
+
+    if path is None:
+        path, n = default, 1
+        while holds_report(path) and not overwrite:
+            n += 1
+            path = f"{default}-{n}"
+    elif holds_report(path) and not overwrite:
+        raise CommandError(f"--out {path}: already holds a report; pass --overwrite to replace it, or another --out")
+    _check_out_dir(path)
+    return path
+
+
+def _make_out_dir(path: str, status: int = RUNTIME_ERROR) -> None:
+    """Create ``--out DIR`` and make sure a file can be written in it (``os.access`` says yes to root, even under
+    /proc): the commands call it before training, so a report that could not be written fails first."""
+    import tempfile
+
     try:
         os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError as exc:
-        raise CommandError(f"--out {path}: cannot create it: {exc.strerror or exc}", RUNTIME_ERROR) from None
+        raise CommandError(f"--out {path}: cannot write there: {exc.strerror or exc}", status) from None
 
 
 def _positive(name: str, value: float | None, integer: bool = True) -> None:

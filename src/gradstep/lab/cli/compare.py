@@ -14,13 +14,14 @@ import torch
 
 from .common import (
     PROG,
+    USAGE_ERROR,
     CommandError,
     _Candidate,
     _check_file_writable,
-    _check_out_dir,
     _jsonable,
     _make_out_dir,
     _make_task,
+    _out_dir,
     _plots,
     _positive,
     _Progress,
@@ -60,16 +61,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise CommandError("compare: give --epochs or --steps, not both")
     lr_mode = _parse_lr(args.lr)
     candidates = [_Candidate(spec, lr_supplied=lr_mode is not None) for spec in args.optimizers]
+    seen: dict[str, str] = {}
+    for cand in candidates:
+        # Two specs building the same optimizer would be two identical runs: refused, naming both.
+        resolved = {**cand.entry.hyperparameters(), **cand.hypers}
+        if lr_mode is not None and "lr" not in cand.hypers:
+            resolved["lr"] = lr_mode
+        key = cand.entry.name + repr(sorted(resolved.items(), key=lambda kv: kv[0]))
+        if key in seen:
+            same = "is given twice" if seen[key] == cand.spec else f"is the same optimizer as {seen[key]}"
+            raise CommandError(f"compare: {cand.spec} {same}; give each optimizer once")
+        seen[key] = cand.spec
     cls = _task_class(args.task)
     if args.target is not None and (cls.target is None or not math.isfinite(args.target)):
         raise CommandError(f"compare: --target needs a finite number and a task with a target, got {args.target}")
-    if args.out is None:
-        args.out = os.path.join("gradstep-out", f"compare-{cls.name}")
     if not args.no_report:
-        _check_out_dir(args.out)
+        args.out = _out_dir(args.out, os.path.join("gradstep-out", f"compare-{cls.name}"), args.overwrite)
     if args.json not in (None, "-"):
         _check_file_writable(args.json, "--json")
     task = _make_task(args)
+    if not args.no_report:
+        _make_out_dir(args.out, USAGE_ERROR)  # before training: a report that cannot be written fails now
 
     target = task.target
     if args.target is not None:

@@ -41,7 +41,7 @@ def _load_checkpoint(path: str, allow_pickle: bool) -> Any:
             legacy = f.read(1) == b"\x80"
         if not (legacy or zipfile.is_zipfile(path)):
             raise CommandError(
-                f"inspect: {path} is not a torch checkpoint (not a file torch.save writes)", RUNTIME_ERROR
+                f"inspect: {path} is not a torch checkpoint (not a file torch.save writes)"
             )
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
@@ -50,18 +50,15 @@ def _load_checkpoint(path: str, allow_pickle: bool) -> Any:
         if refused and not allow_pickle:
             raise CommandError(
                 f"inspect: {path} holds {refused.group(1)} objects, which torch.load(weights_only=True) refuses; "
-                "if you trust the file, pass --allow-pickle",
-                RUNTIME_ERROR,
+                "if you trust the file, pass --allow-pickle"
             ) from None
-        raise CommandError(f"inspect: {path} cannot be read: {_first_line(text, exc)}", RUNTIME_ERROR) from None
+        raise CommandError(f"inspect: {path} cannot be read: {_first_line(text, exc)}") from None
     except OSError as exc:
         raise CommandError(f"inspect: {path}: {exc.strerror or exc}") from None
     except CommandError:
         raise
     except Exception as exc:  # torch.load raises RuntimeError and others for damaged files
-        raise CommandError(
-            f"inspect: {path} is not a torch checkpoint: {_first_line(str(exc), exc)}", RUNTIME_ERROR
-        ) from None
+        raise CommandError(f"inspect: {path} is not a torch checkpoint: {_first_line(str(exc), exc)}") from None
 
 
 def _first_line(text: str, exc: BaseException) -> str:
@@ -81,7 +78,7 @@ def _select_state_dict(obj: Any, path: str, key: str | None) -> tuple[str, dict[
         raise CommandError(f"inspect: {path} has no optimizer state_dict at key {key!r} (found: {known})")
     if not found:
         raise CommandError(
-            f"inspect: {path} holds no optimizer state_dict (a dict with 'state' and 'param_groups')", RUNTIME_ERROR
+            f"inspect: {path} holds no optimizer state_dict (a dict with 'state' and 'param_groups')"
         )
     if len(found) > 1:
         keys = ", ".join(repr(w) for w, _ in found)
@@ -175,7 +172,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         try:
             converted = convert(sd, args.convert_to)
         except ConversionError as exc:
-            raise CommandError(f"inspect: {args.checkpoint}: {exc}", RUNTIME_ERROR) from None
+            raise CommandError(f"inspect: {args.checkpoint}: {exc}") from None
     if args.json:
         data = {"checkpoint": args.checkpoint, "key": key, **summary}
         if converted is not None:

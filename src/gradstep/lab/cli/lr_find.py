@@ -11,14 +11,15 @@ import sys
 from .common import (
     PROG,
     RUNTIME_ERROR,
+    USAGE_ERROR,
     CommandError,
     _Candidate,
     _check_file_writable,
-    _check_out_dir,
     _fmt_spec,
     _jsonable,
     _make_out_dir,
     _make_task,
+    _out_dir,
     _plots,
     _positive,
     _Progress,
@@ -44,13 +45,13 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
         raise CommandError(f"lr-find: --diverge must be > 1, got {args.diverge}")
     cand = _Candidate(args.optimizer, lr_supplied=True)
     cls = _task_class(args.task)
-    if args.out is None:
-        args.out = os.path.join("gradstep-out", f"lr-find-{cls.name}")
     if not args.no_report:
-        _check_out_dir(args.out)
+        args.out = _out_dir(args.out, os.path.join("gradstep-out", f"lr-find-{cls.name}"), args.overwrite)
     if args.json not in (None, "-"):
         _check_file_writable(args.json, "--json")
     task = _make_task(args)
+    if not args.no_report:
+        _make_out_dir(args.out, USAGE_ERROR)  # before training: a report that cannot be written fails now
     log = sys.stderr if args.json == "-" else sys.stdout
     if "lr" in cand.hypers:
         print(

@@ -147,8 +147,9 @@ class CharLM(Task):
         logits = model(x)
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
-    def _score(self, model: nn.Module, tokens: Tensor) -> tuple[float, float]:
-        starts = torch.arange(0, len(tokens) - self.seq_len, self.seq_len)
+    def _score(self, model: nn.Module, tokens: Tensor, starts: Tensor | None = None) -> tuple[float, float]:
+        if starts is None:
+            starts = torch.arange(0, len(tokens) - self.seq_len, self.seq_len)
         x, y = self._windows(tokens, starts)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
@@ -156,6 +157,12 @@ class CharLM(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        train_loss, _ = self._score(model, self.train_tokens[:8192])
+        # The train loss is scored on windows spread over the whole training text (8192 characters' worth), not
+        # on its first 8192 characters: the text's parts differ in difficulty, and its first part alone scored
+        # well above the test loss.
+        count = min(self.windows, 8192 // self.seq_len)
+        last = len(self.train_tokens) - self.seq_len - 1
+        starts = torch.linspace(0, last, count).long()
+        train_loss, _ = self._score(model, self.train_tokens, starts)
         test_loss, test_accuracy = self._score(model, self.test_tokens)
         return {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_accuracy}

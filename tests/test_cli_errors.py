@@ -1,0 +1,134 @@
+"""Errors a newcomer meets, and the command line's exit statuses as docs/cli.md gives them: 0 done, 1 a failure
+while running, 2 bad input (command line, output path, checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradstep
+from cli_helpers import run_main
+from gradstep.core.registry import get, parse_spec
+
+FAST = ("--task", "rosenbrock", "--steps", "2", "--no-progress")
+
+
+@pytest.fixture(autouse=True)
+def in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+# --- library errors -----------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_name_suggests_the_closest() -> None:
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adamww' \(did you mean 'adamw'\?\); available: "):
+        get("adamww")
+    with pytest.raises(ValueError, match=r"unknown optimizer 'qqqqzz'; available: ") as info:
+        get("qqqqzz")
+    assert "did you mean" not in str(info.value)
+
+
+def test_create_of_a_preset_without_its_lr_names_the_preset() -> None:
+    with pytest.raises(ValueError, match=r"^fastai_adam needs a value of lr \(no default\)$"):
+        gradstep.create("fastai_adam", [torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_a_parameter_in_two_groups_is_refused_by_name() -> None:
+    shared, other = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"parameter 1 \(shape \(2,\)\) of param group 1 is already in param group 0"):
+        gradstep.AdamW([{"params": [shared]}, {"params": [other, shared]}])
+    named = [{"params": [shared], "param_names": ["w"]}, {"params": [other, shared], "param_names": ["b", "w"]}]
+    with pytest.raises(ValueError, match=r"parameter 'w' of param group 1 is already in param group 0"):
+        gradstep.AdamW(named)
+    opt = gradstep.AdamW([shared])
+    with pytest.raises(ValueError, match="already in param group 0"):
+        opt.add_param_group({"params": iter([other, shared])})
+    assert len(opt.param_groups) == 1  # the refused group changed nothing
+
+
+def test_a_spec_is_answered_in_the_syntax_it_was_written_in() -> None:
+    with pytest.raises(ValueError, match=r"'adamw:lr' must look like name:key=value,\.\.\.$"):
+        parse_spec("adamw:lr")
+    with pytest.raises(ValueError, match=r"must look like name:key=value,\.\.\.$"):
+        parse_spec("adamw:lr=")
+    with pytest.raises(ValueError, match=r"'adamw\(lr\)' must look like name\(key=value, \.\.\.\)$"):
+        parse_spec("adamw(lr)")
+
+
+def test_every_eps_mode_description_says_the_same_thing() -> None:
+    descriptions = set()
+    for name in gradstep.available():
+        opt = get(name)._probe()
+        declared = getattr(opt, "declared_hypers", dict)()
+        if "eps_mode" in declared:
+            descriptions.add(declared["eps_mode"].doc)
+    assert len(descriptions) == 1, descriptions
+    (text,) = descriptions
+    assert "'torch': sqrt(v_hat) + eps" in text and "'tf': (sqrt(v) + eps)/sqrt(1-beta2^t)" in text
+
+
+# --- command line: status 2 ---------------------------------------------------------------------------------------
+
+
+def test_an_unknown_name_on_the_command_line_suggests_the_closest(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_main(capsys, "info", "adamww")
+    assert status == 2 and out == "" and "did you mean 'adamw'?" in err
+
+
+def test_a_spec_without_a_value_gets_the_command_line_syntax(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_main(capsys, "compare", "adamw:lr", *FAST)
+    assert status == 2 and out == ""
+    assert "name:key=value,..." in err and "name(key" not in err
+
+
+@pytest.mark.parametrize("specs", [["adamw", "adamw"], ["adamw", "ADAMW:lr=0.001"]])
+def test_compare_refuses_the_same_optimizer_twice(capsys: pytest.CaptureFixture[str], specs: list[str]) -> None:
+    status, out, err = run_main(capsys, "compare", *specs, *FAST)
+    assert status == 2 and out == ""
+    assert specs[1] in err and "give each optimizer once" in err
+    assert not Path("gradstep-out").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", [["compare", "sgd"], ["lr-find", "sgd", "--steps", "3"]])
+def test_an_out_dir_where_nothing_can_be_written_fails_before_training(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    # /proc accepts no new directory, even from root (for whom os.access says yes).
+    status, out, err = run_main(capsys, *command, "--task", "rosenbrock", "--no-progress", "--out", "/proc/nope")
+    assert status == 2
+    assert out == ""  # nothing trained: no table
+    assert err.startswith("gradstep: error: --out /proc/nope: ") and err.count("\n") == 1
+
+
+def test_an_explicit_out_holding_a_report_is_refused_without_overwrite(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "report"
+    assert run_main(capsys, "compare", "sgd", *FAST, "--out", str(out_dir))[0] == 0
+    first = (out_dir / "results.json").read_text()
+    status, out, err = run_main(capsys, "compare", "adam", *FAST, "--out", str(out_dir))
+    assert status == 2 and out == "" and "--overwrite" in err
+    assert (out_dir / "results.json").read_text() == first  # untouched
+    status, _, err = run_main(capsys, "compare", "adam", *FAST, "--out", str(out_dir), "--overwrite")
+    assert status == 0, err
+    assert json.loads((out_dir / "results.json").read_text())["results"][0]["optimizer"] == "adam"
+
+
+def test_a_repeated_run_writes_a_new_numbered_default_directory(capsys: pytest.CaptureFixture[str]) -> None:
+    for _ in range(3):
+        status, out, err = run_main(capsys, "compare", "sgd", *FAST)
+        assert status == 0, err
+    base = Path("gradstep-out")
+    names = ["compare-rosenbrock", "compare-rosenbrock-2", "compare-rosenbrock-3"]
+    assert sorted(p.name for p in base.iterdir()) == names
+    assert f"in {base / 'compare-rosenbrock-3'}" in out
+    status, _, _ = run_main(capsys, "lr-find", "sgd", "--task", "rosenbrock", "--steps", "3", "--no-progress")
+    status, _, _ = run_main(capsys, "lr-find", "sgd", "--task", "rosenbrock", "--steps", "3", "--no-progress")
+    assert (base / "lr-find-rosenbrock" / "lr-find.json").exists()
+    assert (base / "lr-find-rosenbrock-2" / "lr-find.json").exists()
