@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -171,3 +172,15 @@ def test_muon_adamw_preset_on_a_model_and_in_a_model_scope() -> None:
     assert [r.part for r in bare.routes()] == ["matrix", "elementwise"]
     with pytest.raises(ValueError, match="adamw_lr_ratio"):
         MuonAdamW(model, adamw_lr_ratio=-1.0)
+
+
+def test_deepcopy_steps_identically() -> None:
+    model = TinyLM()
+    opt = gradstep.partition(model, PARTS)
+    _train(model, opt, 2)
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.param_groups[0]["params"][0] is model2.block[0].weight
+    _train(model, opt, 2, start=2)
+    _train(model2, opt2, 2, start=2)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)

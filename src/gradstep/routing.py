@@ -189,6 +189,14 @@ class Partition(torch.optim.Optimizer):
         torch.optim.Optimizer.__setstate__(self, {})  # hook registries and the hooked step, without new groups
         self.defaults.pop("differentiable", None)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"parts": self.parts, "_routes": self._routes, "defaults": self.defaults}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        torch.optim.Optimizer.__setstate__(self, {})
+        self.defaults.pop("differentiable", None)
+
     @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for opt in self.parts.values() for g in opt.param_groups]
