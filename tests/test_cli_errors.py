@@ -132,3 +132,27 @@ def test_a_repeated_run_writes_a_new_numbered_default_directory(capsys: pytest.C
     status, _, _ = run_main(capsys, "lr-find", "sgd", "--task", "rosenbrock", "--steps", "3", "--no-progress")
     assert (base / "lr-find-rosenbrock" / "lr-find.json").exists()
     assert (base / "lr-find-rosenbrock-2" / "lr-find.json").exists()
+
+
+# --- bench --------------------------------------------------------------------------------------------------------
+
+
+def test_bench_silences_what_the_profiler_writes_to_the_file_descriptors(capfd: pytest.CaptureFixture[str]) -> None:
+    from gradstep.lab import bench
+
+    print("before", flush=True)
+    with bench._silenced_fds():
+        os.write(1, b"profiler_start\n")  # what the profiler's C++ side does: below sys.stdout
+        os.write(2, b"Memory block of unknown size\n")
+    print("after", flush=True)
+    out, err = capfd.readouterr()
+    assert out == "before\nafter\n" and err == ""
+
+
+def test_bench_help_gives_every_option_its_meaning_and_default(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run_main(capsys, "bench", "--help")
+    assert status == 0
+    text = " ".join(out.split())
+    for option, default in (("--scale", "1.0"), ("--steps", "15"), ("--warmup", "3"), ("--threads", "2")):
+        assert f"{option} {option.strip('-').upper()} " in text and f"(default: {default}" in text, option
+    assert "(default: cpu" in text or "(default: cuda" in text

@@ -24,11 +24,13 @@ more read of the gradients and one host sync per step). First steps are measured
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -92,6 +94,25 @@ def bandwidth(shapes: list[tuple[int, ...]], device: str, repeats: int = 20) -> 
     return 8 * n / best
 
 
+@contextlib.contextmanager
+def _silenced_fds() -> Iterator[None]:
+    """Standard output and error silenced at the file-descriptor level: the profiler's C++ side writes its own
+    messages there (``profiler_start``, ``Memory block of unknown size``), which would land among the results."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def _peak_extra_bytes(opt: torch.optim.Optimizer) -> int:
     """Peak bytes allocated during one step on the CPU, from the profiler's allocation and free events.
 
@@ -100,7 +121,7 @@ def _peak_extra_bytes(opt: torch.optim.Optimizer) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _silenced_fds(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         opt.step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
     level = peak = 0
@@ -222,11 +243,28 @@ def main(argv: list[str] | None = None) -> int:
         prog="gradstep bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", nargs="*", help="registry names to time (default: all)")
-    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the reference workload")
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="fraction of the reference workload's parameter count (default: %(default)s; 0.25 is a quick run)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=15, help="timed steps per row; the median is reported (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps after the first (timed apart as 'first step') and before the timed ones "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the parameters live: cpu or cuda (default: %(default)s, cuda when available)",
+    )
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled path")
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, help="gradstep's rows (default: eager compiled; --eager-only: eager)"
