@@ -56,10 +56,13 @@ class Cautious(Transform):
         if ctx.hyper("weight_decay_mode") == "coupled" and not coef_is_zero(wd) and not ctx.is_zero("weight_decay"):
             grads = ops.add(grads, ops.mul(ctx.params, wd))  # the gradient the chain saw (the core added wd * p)
         # 1 where u * g > 0, else 0, without a comparison kernel: max(sign(u * g), 0).
-        mask = ops.clamp(ops.sign(ops.mul(updates, grads)), 0.0, math.inf)
-        scale = tensor_numels(mask) / (tensor_sums(mask).to(tensor_numels(mask).dtype) + 1)
+        mask = ops.sign(ops.mul(updates, grads))
+        ops.clamp_(mask, 0.0, math.inf)
+        numels = tensor_numels(mask)
+        scale = numels / (tensor_sums(mask).to(numels.dtype) + 1)
         ops.mul_(mask, ctx.per_param(scale))
-        return ops.mul(updates, mask)
+        ops.mul_(mask, updates)  # the mask's memory becomes the direction
+        return mask
 
     def __repr__(self) -> str:
         return "Cautious()"

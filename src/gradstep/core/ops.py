@@ -195,6 +195,10 @@ class PerTensorOps:
         for x, y in zip(xs, ys):
             torch.maximum(x, y, out=x)
 
+    def clamp_(self, xs: Sequence[Tensor], lo: float, hi: float) -> None:
+        for x in xs:
+            x.clamp_(lo, hi)
+
     def zero_(self, xs: Sequence[Tensor]) -> None:
         for x in xs:
             x.zero_()
@@ -283,6 +287,14 @@ class ForeachOps(PerTensorOps):
 
     def maximum_(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> None:
         torch._foreach_maximum_(list(xs), list(ys))
+
+    def clamp_(self, xs: Sequence[Tensor], lo: float, hi: float) -> None:
+        if not xs:
+            return
+        if lo != -math.inf:
+            torch._foreach_clamp_min_(list(xs), lo)
+        if hi != math.inf:
+            torch._foreach_clamp_max_(list(xs), hi)
 
     def zero_(self, xs: Sequence[Tensor]) -> None:
         if xs:

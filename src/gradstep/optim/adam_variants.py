@@ -53,12 +53,14 @@ class ScaleByADOPT(Transform):
         beta1, beta2 = ctx.hyper("betas")
         exp_avg, exp_avg_sq = ctx.buffer("exp_avg"), ctx.buffer("exp_avg_sq")
         later = (ctx.steps > 1).to(torch.float64)  # 0 on a parameter's first step: only v is set, to g^2
-        normed = ops.div(updates, ops.clamp(ops.sqrt(exp_avg_sq), ctx.hyper("eps"), math.inf))
+        denom = ops.sqrt(exp_avg_sq)
+        ops.clamp_(denom, ctx.hyper("eps"), math.inf)
+        normed = ops.div(updates, denom)
         exponent = ctx.hyper("clip_exponent")
         if exponent is not None:
             clip = uniform(ctx.per_param(torch.pow(ctx.steps, exponent)))
             if is_number(clip):
-                normed = ops.clamp(normed, -float(clip), float(clip))  # type: ignore[arg-type]
+                ops.clamp_(normed, -float(clip), float(clip))  # type: ignore[arg-type]
             else:
                 # One bound per tensor, as c * clamp(x / c, -1, 1): the foreach clamps take a single bound.
                 normed = ops.mul(ops.clamp(ops.div(normed, clip), -1.0, 1.0), clip)

@@ -26,7 +26,7 @@ import torch
 from ..core.hypers import Hyper, beta_pair, non_negative, one_of
 from ..core.ops import Direction, TensorList, uniform
 from ..core.optimizer import ChainedOptimizer
-from ..core.reductions import tensor_numels, tensor_sums
+from ..core.reductions import tensor_norms, tensor_numels
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, coef_is_zero, zeros
 from .adam import AdamW
@@ -68,17 +68,18 @@ class ScaleByStableAdam(Transform):
         ops.lerp_(exp_avg, updates, uniform(ctx.per_param(1 - beta1_hat)))
         ops.mul_(exp_avg_sq, uniform(ctx.per_param(beta2_hat)))
         ops.addcmul_(exp_avg_sq, updates, updates, uniform(ctx.per_param(1 - beta2_hat)))
-        ratio = ops.div(ops.mul(updates, updates), ops.clamp(exp_avg_sq, eps * eps, math.inf))
-        numels = tensor_numels(ratio)
-        rms = torch.sqrt(tensor_sums(ratio).to(numels.dtype) / numels)
-        scale = ctx.per_param(1.0 / rms.clamp(min=1.0))
+        # RMS = ||g / max(sqrt(v), eps)|| / sqrt(n): optimi's sqrt(mean(g^2 / max(v, eps^2))), without the squares.
         denom = ops.sqrt(exp_avg_sq)
+        ratio = ops.div(updates, ops.clamp(denom, eps, math.inf))
+        rms = tensor_norms(ratio).to(torch.float64) / torch.sqrt(tensor_numels(ratio))
+        scale = ctx.per_param(1.0 / rms.clamp(min=1.0))
         ops.add_(denom, eps)
         wd = ctx.param_hyper("weight_decay")
         if ctx.hyper("weight_decay_mode") == "rms_clipped" and not ctx.is_zero("weight_decay") and not coef_is_zero(wd):
             direction = ops.div(exp_avg, denom)
             ops.add_scaled_(direction, ctx.params, wd)
-            return ops.mul(direction, scale)
+            ops.mul_(direction, scale)
+            return direction
         return ops.quotient(exp_avg, denom, scale)
 
 
