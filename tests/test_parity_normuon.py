@@ -18,6 +18,7 @@ import pytorch_optimizer
 import pytorch_optimizer.optimizer.muon.base as pto_muon_base
 import pytorch_optimizer.optimizer.muon.normuon as pto_normuon
 import torch
+from pytorch_optimizer.optimizer.utils.matrix import NS_COEFFICIENTS
 from torch import Tensor
 
 import gradstep
@@ -54,6 +55,26 @@ CONFIGS: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = [
         {"lr": 0.02, "momentum": 0.5},
     ),
 ]
+
+
+def test_coefficient_schedule_matches_pytorch_optimizers_polar_express(exact_reference: None) -> None:
+    schedule = [tuple(c) for c in NS_COEFFICIENTS["polar_express"]]
+    hypers = {"ns_steps": 6, "update_scale": "match_rms"}
+    result = run_with_state(
+        lambda groups: pytorch_optimizer.NorMuon(
+            torch_groups(groups, {"use_muon": True}, {"use_muon": True, "lr": 0.01}),
+            ns_coeffs="polar_express",
+            foreach=False,
+            **hypers,
+        ),
+        lambda groups: gradstep.NorMuon(
+            torch_groups(groups, {}, {"lr": 0.01}), ns_coefficients=schedule, ns_dtype=None, **hypers
+        ),
+        STATE,
+        shapes=SHAPES,
+        steps=100,
+    )
+    result.assert_within(TOL)
 
 
 def _pto(config: Any) -> Callable[[list[list[Tensor]]], torch.optim.Optimizer]:

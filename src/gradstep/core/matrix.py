@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ __all__ = ["MatrixView", "matrix_views", "newton_schulz", "orthogonalize"]
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
-def newton_schulz(x: Tensor, coefficients: Sequence[float], steps: int, eps: float) -> Tensor:
+def newton_schulz(x: Tensor, coefficients: Sequence[Any], steps: int, eps: float) -> Tensor:
     r"""Approximate :math:`UV^\top` of each matrix of a batch ``(n, rows, cols)`` with ``rows <= cols``.
 
     The quintic iteration of Jordan et al. (the code of ``torch.optim.Muon``, batched):
@@ -33,16 +34,22 @@ def newton_schulz(x: Tensor, coefficients: Sequence[float], steps: int, eps: flo
         X_0 = G / \max(\lVert G\rVert_F, \epsilon),\qquad
         A = X X^\top,\quad X \leftarrow a X + (b A + c A^2) X
 
-    Computed in ``x``'s dtype; ``x`` is not modified.
+    ``coefficients`` is one triple, or a schedule of triples (iteration ``i`` uses entry ``min(i, len - 1)``, as
+    the Polar Express schedules). Computed in ``x``'s dtype; ``x`` is not modified.
     """
-    a, b, c = coefficients
+    schedule = [coefficients] if _is_triple(coefficients) else list(coefficients)
     norms = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
     x = x / norms
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = schedule[min(i, len(schedule) - 1)]
         gram = torch.bmm(x, x.transpose(-2, -1))
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, poly, x, beta=a)
     return x
+
+
+def _is_triple(value: Any) -> bool:
+    return len(value) == 3 and all(isinstance(v, (int, float)) for v in value)
 
 
 class MatrixView:
@@ -90,7 +97,7 @@ def matrix_views(
 
 def orthogonalize(
     matrices: Sequence[Tensor],
-    coefficients: Sequence[float],
+    coefficients: Sequence[Any],
     steps: int,
     eps: float,
     dtype: torch.dtype | None = None,

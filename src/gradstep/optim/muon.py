@@ -35,11 +35,17 @@ __all__ = ["EmaMomentum", "Muon", "Orthogonalize"]
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def _coefficients(value: Any) -> str | None:
+def _is_triple(value: Any) -> bool:
     ok = isinstance(value, (tuple, list)) and len(value) == 3
-    if not ok or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-        return "must be a triple of finite numbers (a, b, c)"
-    return None
+    return ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
+def _coefficients(value: Any) -> str | None:
+    if _is_triple(value):
+        return None
+    if isinstance(value, (tuple, list)) and value and all(_is_triple(v) for v in value):
+        return None  # a schedule: one triple per iteration, the last one repeated
+    return "must be a triple of finite numbers (a, b, c) or a non-empty sequence of such triples"
 
 
 def _ns_steps(value: Any) -> str | None:
@@ -95,7 +101,13 @@ class Orthogonalize(Transform):
     """
 
     hypers = (
-        Hyper("ns_coefficients", NS_COEFFICIENTS, _coefficients, "quintic Newton–Schulz coefficients (a, b, c)", False),
+        Hyper(
+            "ns_coefficients",
+            NS_COEFFICIENTS,
+            _coefficients,
+            "quintic Newton–Schulz coefficients (a, b, c), or one triple per iteration (the last repeated)",
+            False,
+        ),
         Hyper("ns_steps", 5, _ns_steps, "Newton–Schulz iterations"),
         Hyper("eps", 1e-7, non_negative, "lower bound of the Frobenius norm the update is divided by"),
         Hyper(

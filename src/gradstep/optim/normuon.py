@@ -100,8 +100,9 @@ class NorMuon(ChainedOptimizer):
         * Only the matrix part: pytorch_optimizer's ``use_muon=False`` groups (AdamW inside the same optimizer) are
           :func:`gradstep.partition` parts here (``adamw_*`` arguments are not taken).
         * ``weight_decouple`` is ``weight_decay_mode`` (``"decoupled"``, the default, or ``"coupled"``);
-          ``ns_coeffs`` is ``ns_coefficients`` (one triple: the coefficient schedules ``"polar_express"`` and
-          ``"quintic"`` are not provided); the iteration's lower bound of the norm is ``ns_eps`` (fixed 1e-7 there).
+          ``ns_coeffs`` is ``ns_coefficients``, a triple or a schedule of triples given as numbers (its preset
+          names, ``"polar_express"``, ..., are not looked up); the iteration's lower bound of the norm is ``ns_eps``
+          (fixed 1e-7 there).
         * ``ns_dtype`` (default ``"bfloat16"``, pytorch_optimizer's fixed dtype), ``tensor_mode="batch"`` and
           ``split_size`` as in :class:`~gradstep.Muon`. The step count is per parameter (pytorch_optimizer: per group).
         * The scale is folded into the update before the lr (pytorch_optimizer scales the lr): the same math.
