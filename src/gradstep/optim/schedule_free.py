@@ -50,13 +50,13 @@ def _sf_betas(value: Any) -> str | None:
     return problem
 
 
-def schedule_free_weight(group: dict[str, Any], lr: float, r: float, power: float) -> float:
-    """Record a step of lr ``lr`` in ``group`` (``lr_max``, ``weight_sum``) and return its averaging weight ``c``.
+def schedule_free_weight(group: dict[str, Any], k: int, lr: float, r: float, power: float) -> float:
+    """Record step ``k`` (from 0), of lr ``lr``, in ``group`` (``lr_max``, ``weight_sum``); return its weight ``c``.
 
     Shared by the schedule-free optimizers and :class:`~gradstep.wrappers.ScheduleFreeWrapper`.
     """
     lr_max = group["lr_max"] = max(lr, group["lr_max"])
-    weight = ((group["k"] + 1) ** r) * (lr_max**power)
+    weight = ((k + 1) ** r) * (lr_max**power)
     weight_sum = group["weight_sum"] = group["weight_sum"] + weight
     return weight / weight_sum if weight_sum != 0 else 0.0
 
@@ -180,7 +180,7 @@ class _ScheduleFree(GroupStateOptimizer):
         for group in self.param_groups:
             lr = self._lr(group)
             group["scheduled_lr"] = lr
-            group["ckp1"] = schedule_free_weight(group, lr, group["r"], group["weight_lr_power"])
+            group["ckp1"] = schedule_free_weight(group, group["k"], lr, group["r"], group["weight_lr_power"])
             if self._ADAM:
                 group["bias_correction2"] = 1 - group["betas"][1] ** (group["k"] + 1)
             group["k"] += 1

@@ -13,6 +13,7 @@ from .base import WrapperBase
 from .inner_state import StatefulWrapper
 from .lookahead import PULLBACK_MODES, SLOW_COPY_MODES, Lookahead, ranger
 from .optim_wrapper import PYTORCH_HP_MAP, OptimWrapper
+from .schedule_free import ScheduleFreeWrapper
 from .scout import Scout
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "PULLBACK_MODES",
     "PYTORCH_HP_MAP",
     "SLOW_COPY_MODES",
+    "ScheduleFreeWrapper",
     "Scout",
     "StatefulWrapper",
     "WrapperBase",
