@@ -30,6 +30,7 @@ from gradstep.optim.adam_variants import ADOPT, LaProp
 from gradstep.optim.lion import Lion
 from gradstep.optim.mars import MARS
 from gradstep.optim.stable import StableAdamW
+from parity import relative_difference
 from test_parity_adaptive import TOL, Config, run_with_state, same
 
 # --- float64 references, literal per-tensor loops of the papers' algorithms ---------------------------------------
@@ -624,3 +625,20 @@ def test_cautious_zeroes_disagreeing_components_and_rescales_the_rest() -> None:
     opt.step()
     expected = torch.tensor([-0.8, -0.8, -0.8 - 1.9 * 4 / 3, -0.8 - 1.9 * 4 / 3], dtype=torch.float64)
     assert torch.allclose(w.detach(), expected)
+
+
+def test_laprop_lr_average_matches_pytorch_optimizer_exp_avg_lr_1_under_a_changing_lr() -> None:
+    # pytorch_optimizer keeps the EMA of the lr as a Python float (run_with_state compares tensors only): here it is
+    # compared by hand, with an lr that changes every step, which is where the EMA differs from lr * (1 - beta1^t).
+    params = [torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3).requires_grad_(True) for _ in range(2)]
+    ref = pytorch_optimizer.LaProp([params[0]], lr=1e-2, betas=(0.8, 0.99), foreach=False)
+    mine = LaProp([params[1]], lr=1e-2, betas=(0.8, 0.99), eps_mode="tf")
+    for t in range(1, 31):
+        for opt, p in ((ref, params[0]), (mine, params[1])):
+            opt.param_groups[0]["lr"] = 1e-2 * (1 + 0.5 * math.sin(t))
+            p.grad = torch.sin(3 * p.detach() + t)
+            opt.step()
+        assert float(mine.state[params[1]]["exp_avg_lr_1"]) == pytest.approx(
+            ref.state[params[0]]["exp_avg_lr_1"], rel=1e-12
+        )
+    assert relative_difference(params[0], params[1]) <= TOL
