@@ -156,3 +156,37 @@ def test_bench_help_gives_every_option_its_meaning_and_default(capsys: pytest.Ca
     for option, default in (("--scale", "1.0"), ("--steps", "15"), ("--warmup", "3"), ("--threads", "2")):
         assert f"{option} {option.strip('-').upper()} " in text and f"(default: {default}" in text, option
     assert "(default: cpu" in text or "(default: cuda" in text
+
+
+# --- compare's header ---------------------------------------------------------------------------------------------
+
+
+def test_a_2d_function_is_reported_in_steps_without_epochs_or_batches(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_main(capsys, "compare", "sgd", *FAST, "--no-report")
+    assert status == 0, err
+    header = out.splitlines()[0]
+    assert header.endswith("; 2 steps on the whole function (no minibatches)")
+    assert "epoch" not in header and "batch size" not in header
+
+
+def test_run_length_counts_whole_epochs_and_the_steps_left_over() -> None:
+    from gradstep.lab.report import run_length
+
+    base = {"steps_per_epoch": 14, "batch_size": 32, "seed": 0}
+    assert run_length({**base, "steps": 150}) == "150 steps (10 epochs of 14 steps and 10 steps), batch size 32, seed 0"
+    assert run_length({**base, "steps": 14}).startswith("14 steps (1 epoch of 14 steps),")
+    assert run_length({**base, "steps": 5}).startswith("5 steps (5 of the 14 steps of an epoch),")
+
+
+def test_a_train_loss_above_the_test_loss_is_explained(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from gradstep.lab.cli.compare import _train_above_test_note
+    from gradstep.lab.tasks import CharLM
+    from gradstep.lab.tasks.training import History
+
+    history = History("adamw", "char-lm", steps_requested=10)
+    history.curves = {"train_loss": [2.4], "test_loss": [2.0]}
+    history.eval_steps = [10]
+    note = _train_above_test_note(CharLM.__new__(CharLM), [history])
+    assert note is not None and note.startswith("train loss above test loss for adamw: the test text")
+    history.curves = {"train_loss": [1.9], "test_loss": [2.0]}
+    assert _train_above_test_note(CharLM.__new__(CharLM), [history]) is None

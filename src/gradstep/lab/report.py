@@ -130,6 +130,7 @@ def compare_html(report: dict[str, Any], images: dict[str, str], path: str | os.
         f"<style>{_CSS}</style></head><body>",
         f"<h1>gradstep compare: {e(report['task'])}</h1>",
         f"<p>{e(report['description'])}.<br>{e(_setting(report))}</p>",
+        f"<p>Note: {e(report['note'])}.</p>" if report.get("note") else "",
         f"<pre>{e(report.get('command', ''))}</pre>",
         "<h2>Results</h2>",
         _html_table(header, rows, _best_row(report)),
@@ -181,11 +182,25 @@ def _sweep_point(lr: float, score: float | None) -> str:
     return f"{lr:.2g}: {_fmt(score)}" if score is not None else f"{lr:.2g}: diverged"
 
 
+def run_length(report: dict[str, Any]) -> str:
+    """How long the run was, in words that fit the task: steps alone for a 2-D function (every step sees the whole
+    function: no epochs, no batches, nothing the seed draws), whole epochs plus the steps left over otherwise."""
+    steps, per_epoch = report["steps"], report.get("steps_per_epoch")
+    if report.get("full_batch"):
+        return f"{steps} steps on the whole function (no minibatches)"
+    text = f"{steps} steps"
+    if per_epoch:
+        epochs, rest = divmod(steps, per_epoch)
+        if epochs == 0:
+            text += f" ({rest} of the {per_epoch} steps of an epoch)"
+        else:
+            text += f" ({epochs} epoch{'s' if epochs > 1 else ''} of {per_epoch} steps"
+            text += f" and {rest} steps)" if rest else ")"
+    return text + f", batch size {report['batch_size']}, seed {report['seed']}"
+
+
 def _setting(report: dict[str, Any]) -> str:
-    text = f"{report['steps']} steps"
-    if report.get("steps_per_epoch"):
-        text += f" ({report['steps'] / report['steps_per_epoch']:g} epochs of {report['steps_per_epoch']})"
-    text += f", batch size {report['batch_size']}, seed {report['seed']}"
+    text = run_length(report)
     if report.get("lr_mode") == "auto":
         text += ", learning rates chosen by a short sweep (--lr auto)"
     return text + "."

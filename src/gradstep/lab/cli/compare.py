@@ -122,6 +122,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         else {"metric": target.metric, "value": target.value, "higher_is_better": target.higher_is_better},
         "steps": steps,
         "steps_per_epoch": per_epoch,
+        "full_batch": isinstance(task, tasks.Function2D),
         "batch_size": task.batch_size,
         "seed": args.seed,
         "threads": args.threads,
@@ -132,24 +133,39 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             for c, h in zip(candidates, histories)
         ],
         "sweeps": [s.to_dict() for s in sweeps],
+        "note": _train_above_test_note(task, histories),
     }
 
     if args.json != "-":
-        from ..report import summary_table
+        from ..report import run_length, summary_table
 
         header, rows = summary_table(report)
-        epochs = f"{steps / per_epoch:g} epochs of {per_epoch} steps" if per_epoch else ""
-        print(f"task: {task.description}; {steps} steps ({epochs}), batch size {task.batch_size}, seed {args.seed}")
+        print(f"task: {task.description}; {run_length(report)}")
         print("\n".join(_table([header, *rows], right=range(1, len(header)))))
         for h in histories:
             if h.diverged is not None:
                 print(f"{h.label} diverged at {h.diverged}")
+        if report["note"]:
+            print(f"note: {report['note']}")
     if not args.no_report:
         written = _write_compare_report(report, task, histories, sweeps, args.out)
         print(f"wrote {', '.join(written)} in {args.out}", file=log)
     if args.json is not None:
         _write_json(report, args.json, "--json")
     return 0
+
+
+def _train_above_test_note(task: Any, histories: list[Any]) -> str | None:
+    """Why the train loss ends above the test loss, when it does (the task says why; the table alone would puzzle)."""
+    above = []
+    for h in histories:
+        train, test = h.summary().get("final_train_loss"), h.summary().get("final_test_loss")
+        if isinstance(train, float) and isinstance(test, float) and train > test:
+            above.append(h.label)
+    if not above:
+        return None
+    why = getattr(task, "train_above_test", "") or "both are scored with the final weights, without dropout"
+    return f"train loss above test loss for {', '.join(above)}: {why}"
 
 
 def _train_one(
@@ -186,7 +202,7 @@ def _write_compare_report(
     plots = _plots()
     images: dict[str, str] = {}
     if plots is not None:
-        subtitle = f"{report['steps']} steps, batch size {report['batch_size']}, seed {report['seed']}"
+        subtitle = html_report.run_length(report)
         if report["lr_mode"] == "auto":
             subtitle += ", lr from a sweep"
         images["Loss curves"] = plots.plot_curves(histories, task, os.path.join(out, "loss-curves.png"), subtitle)
