@@ -146,6 +146,10 @@ def test_refused_optimizers_and_policies_name_the_reason() -> None:
         gradstep.step_in_backward(torch.optim.AdamW(params))
     with pytest.raises(TypeError, match="ChainedOptimizer"):
         gradstep.step_in_backward(gradstep.Lookahead(gradstep.AdamW(params)))
+    with pytest.raises(TypeError, match="reads the whole model"):  # schedule-free averaging, D-Adaptation's d
+        gradstep.step_in_backward(gradstep.SGDScheduleFree(params))
+    with pytest.raises(TypeError, match="reads the whole model"):
+        gradstep.step_in_backward(gradstep.Prodigy(params))
     with pytest.raises(TypeError, match="whole param group"):
         gradstep.step_in_backward(gradstep.Adan(params, max_grad_norm=1.0))  # clips by the group norm
     # Nothing was hooked by the refused calls: a backward keeps its gradients.

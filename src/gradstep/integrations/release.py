@@ -146,7 +146,9 @@ def _check_supported(optimizer: Any) -> None:
         # inspect.unwrap: torch.optim wraps each class's step() in its hook machinery on first construction.
         base = getattr(ChainedOptimizer, method, None)
         if base is not None and inspect.unwrap(getattr(cls, method)) is not inspect.unwrap(base):
-            raise TypeError(f"{name} cannot step one parameter at a time: it overrides {method}() (whole-model step)")
+            raise TypeError(
+                f"{name} cannot step one parameter at a time: its step reads the whole model (it overrides {method}())"
+            )
     seen: set[int] = set()
     for index, group in enumerate(optimizer.param_groups):
         for t in optimizer.transforms:
