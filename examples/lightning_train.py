@@ -2,9 +2,9 @@
 and a schedule-free optimizer switched between train and eval mode.
 
 Run: ``python examples/lightning_train.py`` (CPU, a few seconds). A tiny regression model is trained for two epochs,
-checkpointed, and resumed for two more; the EMA of its weights is what validation sees. Then a schedule-free SGD
-(the schedulefree package's; gradstep's schedule-free optimizers follow the same train()/eval() protocol) trains
-with ScheduleFreeCallback.
+checkpointed, and resumed for two more; the EMA of its weights is what validation sees. Then gradstep's
+schedule-free SGD trains with ScheduleFreeCallback, which puts it in eval mode for validation (the schedulefree
+package's optimizers follow the same train()/eval() protocol).
 """
 
 from __future__ import annotations
@@ -53,9 +53,7 @@ class Regressor(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         groups = gradstep.param_groups(self.net, weight_decay=0.05)  # no decay on biases and the LayerNorm
         if self.optimizer_name == "sgd_schedulefree":  # any optimizer with train()/eval(): see main()
-            import schedulefree
-
-            return schedulefree.SGDScheduleFree(self.parameters(), lr=self.lr, warmup_steps=2)
+            return gradstep.SGDScheduleFree(self.parameters(), lr=self.lr, warmup_steps=2)
         optimizer = gradstep.create(self.optimizer_name, groups, lr=self.lr)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=16)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
