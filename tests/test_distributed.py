@@ -422,6 +422,7 @@ def _reductions(mesh: Any) -> dict[str, list[torch.Tensor]]:
         "split_row_signed_argmax": (red.row_signed_argmax, (batched,), (full_batched,)),
         "tensor_keep_top_k": (red.tensor_keep_top_k, (shard, [7, 3, 2]), (full, [7, 3, 2])),
         "declared_tensor_keep_top_k": (_declared_keep_top_k, (shard, [7, 3, 2]), (full, [7, 3, 2])),
+        "whole_model_sum": (_whole_model_sum, (shard, shard_other), (full, other)),
         "declared_column_means": (_declared_column_means, (shard[::2],), (full[::2],)),
     }
     out = {}
@@ -431,6 +432,26 @@ def _reductions(mesh: Any) -> dict[str, list[torch.Tensor]]:
         expected = list(expected) if isinstance(expected, list) else [expected]
         out[name] = [_whole(g) for g in got] + [e.clone() for e in expected]
     return out
+
+
+def _whole_model_sum(xs: list[Any], ys: list[Any]) -> Any:
+    """WholeModelSum of two "groups" (the first two tensors with their local shards declared, as the optimizers add
+    them; the third as a DTensor): sums of squares and inner products, and a whole (replicated) tensor counted once."""
+    from gradstep.core import reductions as red
+
+    def local(x: Any) -> Any:
+        return x.to_local() if hasattr(x, "to_local") else x
+
+    sums = red.WholeModelSum()
+    with red.sharded_as(xs[:2]):
+        first = [local(x) for x in xs[:2]]
+        pairs = zip(first, [local(y) for y in ys[:2]])
+        sums.add(first, torch.stack([torch.stack([(x * x).sum(), (x * y).sum()]) for x, y in pairs]))
+    x, y = xs[2], ys[2]
+    sums.add([x], torch.stack([(local(x) * local(x)).sum(), (local(x) * local(y)).sum()]).unsqueeze(0))
+    whole = torch.arange(3.0, dtype=torch.float64)  # not split: the same on every rank, added once
+    sums.add([whole], torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+    return sums.total(2)
 
 
 def _declared_keep_top_k(xs: list[Any], ks: list[int]) -> list[Any]:
@@ -597,7 +618,7 @@ def test_every_entry_declares_a_sharding_kind() -> None:
 REDUCTIONS = (
     "tensor_norms tensor_norms_inf tensor_norms_1 tensor_sums tensor_dots tensor_numels global_norm row_norms row_dots "
     "row_means split_row_norms split_row_l1_norms split_row_means split_keep_top_k split_row_signed_argmax "
-    "tensor_keep_top_k declared_tensor_keep_top_k declared_column_means"
+    "tensor_keep_top_k declared_tensor_keep_top_k declared_column_means whole_model_sum"
 ).split()
 
 

@@ -12,6 +12,10 @@ steps the *local* shards of DTensor parameters (plain tensors, fast and free of 
 their sharding with :func:`sharded_as` around the step, and a per-tensor reduction of a list aligned with the declared
 one is all-reduced the same way. Row reductions (all dims but the first) need no communication for shards along dim 0
 (FSDP2's default: every row is whole on one rank); other placements raise ``NotImplementedError``.
+
+Whole-model reductions (sums over every parameter of every group, D-Adaptation's and Prodigy's) are accumulated with
+:class:`WholeModelSum`: each group's per-tensor partial sums are added as the groups are visited, and one all-reduce
+per step finishes those of split tensors.
 """
 
 from __future__ import annotations
