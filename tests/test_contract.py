@@ -131,17 +131,13 @@ EXPECTED_DIFFERENCES: dict[tuple[str, str], str] = {
     ("muon", "torch_state_dict_6"): "with ns_coefficients (3.4, -4.7, 2.0) the resumed run departs from torch's "
     "by ~7e-6 (float64)",
     ("lbfgs", "complex"): "LBFGS accepts complex parameters at construction while its capabilities say it does not",
+    ("mars", "generic_errors"): "MARS converts lr to a number before the check: a 2-element tensor lr fails with "
+    "torch's conversion message, not one naming lr",
     ("adafactor", "torch_state_dict"): "gradstep's Adafactor keeps other state keys than torch.optim.Adafactor",
     **{
         ("optim_wrapper", check): "OptimWrapper (any torch optimizer inside) keeps torch's unchecked load path and "
         "has no validated set_hyper"
         for check in ("refused_dict", "generic_errors", "set_hyper")
-    },
-    **{
-        (name, check): "Lookahead-style wrappers: state_dict hooks bypassed, global step hooks fired by the inner "
-        "optimizer too, and a refused dict partly applied"
-        for name in ("lookahead", "ranger", "scout")
-        for check in ("state_dict_hooks", "step_hooks", "refused_dict")
     },
     ("optim_wrapper", "complex"): "OptimWrapper accepts complex parameters whatever the inner optimizer supports",
     ("optim_wrapper", "state_dict_hooks"): "OptimWrapper returns its inner optimizer's state_dict without its hooks",
@@ -378,7 +374,7 @@ def _corruptions(sd: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     bad = copy.deepcopy(sd)
     bad["param_groups"] = bad["param_groups"] + bad["param_groups"]
     yield "extra group", bad
-    if isinstance(sd.get("gradstep"), dict):
+    if isinstance(sd.get("gradstep"), dict) and "global_step" in sd["gradstep"]:
         bad = copy.deepcopy(sd)
         bad["gradstep"]["global_step"] = "many"
         yield "bad global_step", bad

@@ -592,7 +592,7 @@ def test_state_dicts_without_the_gradstep_entry_are_checked_and_refused_when_for
         )
     adam = Lookahead(gradstep.Adam(other, lr=0.1), k=3)
     drive(adam, other, range(1, 3))
-    with pytest.raises(ValueError, match="lacks"):  # the inner SGD refuses Adam's groups
+    with pytest.raises(ValueError, match="another optimizer"):  # the inner SGD refuses Adam's state
         opt.load_state_dict(without_gradstep_entry(adam.state_dict()))
     disagreeing = without_gradstep_entry(copy.deepcopy(opt.state_dict()))
     disagreeing["state"][1]["fast_steps"] = torch.tensor(7)

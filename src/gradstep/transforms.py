@@ -38,7 +38,9 @@ class Momentum(Transform):
     )
 
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:
-        return {"momentum_buffer": zeros} if group["momentum"] != 0 else {}
+        # A tensor momentum (a scheduler's) may become non-zero: its buffer exists whatever its value now.
+        mu = group["momentum"]
+        return {"momentum_buffer": zeros} if isinstance(mu, torch.Tensor) or mu != 0 else {}
 
     def check_group(self, group: dict[str, Any]) -> None:
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):

@@ -15,7 +15,7 @@ state lists, which is why the live state shows ``"inner"`` and ``"fast_steps"`` 
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from copy import deepcopy
 from typing import Any, ClassVar
@@ -167,8 +167,28 @@ class StatefulWrapper(WrapperBase):
         not laid out as torch's is kept whole under a top-level ``"inner"`` instead (the earlier layout), which
         ``torch.distributed.checkpoint`` cannot carry.
         """
-        packed = torch.optim.Optimizer.state_dict(self)  # the wrapper's state by parameter id, and the shared groups
-        own = {pid: {k: v for k, v in s.items() if k not in (INNER, FAST_STEPS)} for pid, s in packed["state"].items()}
+        # The hooks run around the whole merged dict (torch's own state_dict would run them on the partial one).
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        hooks = (self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks)
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            packed = torch.optim.Optimizer.state_dict(self)  # the wrapper's state by parameter id, the shared groups
+        finally:
+            self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = hooks
+        sd = self._merged_state_dict(packed)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _merged_state_dict(self, packed: dict[str, Any]) -> dict[str, Any]:
+        # Entries a hook put in .state under other keys than parameters (torch allows it) are kept as they are.
+        own = {
+            pid: {k: v for k, v in s.items() if k not in (INNER, FAST_STEPS)} if isinstance(s, dict) else s
+            for pid, s in packed["state"].items()
+        }
         inner_sd = self._inner.state_dict()
         meta = self._meta()
         inner_state = _mergeable(inner_sd, packed["param_groups"])
@@ -176,6 +196,9 @@ class StatefulWrapper(WrapperBase):
             return {"state": own, "param_groups": packed["param_groups"], "inner": inner_sd, "gradstep": meta}
         state: dict[Any, dict[str, Any]] = {}
         for pid in [*own, *(pid for pid in inner_state if pid not in own)]:
+            if not isinstance(own.get(pid, {}), dict):
+                state[pid] = own[pid]
+                continue
             entry = dict(own.get(pid, {}))
             if inner_state.get(pid):
                 entry[INNER] = inner_state[pid]
@@ -252,7 +275,7 @@ class StatefulWrapper(WrapperBase):
                 )
             mine = {k: v for k, v in entry.items() if k in own_keys}
             missing = sorted(required - set(mine))
-            if mine and missing:
+            if missing and (mine or entry.get(INNER)):  # a parameter the inner optimizer stepped has them all
                 raise ValueError(
                     f"{me} cannot load this state_dict: state of parameter {pid} lacks {', '.join(missing)} "
                     f"(was it saved by another wrapper?)"
@@ -271,6 +294,7 @@ class StatefulWrapper(WrapperBase):
                     )
                 counts.add(count)
             own[pid] = mine
+        self._check_own_tensors(own, saved_groups)
         if meta_steps is not None:
             counts.add(int(meta_steps))
         if len(counts) > 1:
@@ -285,6 +309,27 @@ class StatefulWrapper(WrapperBase):
                 "param_groups": saved_groups,
             }
         return settings, counts.pop() if counts else 0, own, inner_sd
+
+    def _check_own_tensors(self, own: dict[Any, dict[str, Any]], saved_groups: list[dict[str, Any]]) -> None:
+        """Each of the wrapper's own entries is a finite floating-point tensor shaped like its parameter."""
+        me = type(self).__name__
+        params = dict(
+            zip(
+                itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                itertools.chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
+        for pid, entries in own.items():
+            param = params.get(pid)
+            for key, value in entries.items():
+                where = f"{me} cannot load this state_dict: {key} of parameter {pid}"
+                if not isinstance(value, Tensor) or not value.is_floating_point():
+                    raise ValueError(f"{where} is not a floating-point tensor")
+                if param is not None and tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(f"{where} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}")
+                local = value.to_local() if hasattr(value, "to_local") else value
+                if not bool(torch.isfinite(local).all()):
+                    raise ValueError(f"{where} holds NaN or infinite values")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict saved by the same wrapper class around the same inner optimizer class.

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.hooks import step_without_global_hooks
 from ..core.hypers import REQUIRED, one_of, unit_interval_closed
 from ..core.ops import FOREACH
 from ..core.registry import Entry, register
@@ -278,16 +279,28 @@ class Lookahead(StatefulWrapper):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One step of the inner optimizer (with ``closure``, if given); every k-th step ends with a sync."""
+        had_state = {id(k) for k, v in self.state.items() if isinstance(k, Tensor) and v}
         if self.slow_copy == "first_step":
             self._track(self._params_with_grad())
             if closure is not None and any(SLOW not in self.state.get(p, ()) for p in self._all_params()):
                 closure = self._tracking_closure(closure)
         skipped = getattr(self._inner, "skipped_steps", None)
-        loss = self._inner.step(closure) if closure is not None else self._inner.step()
+        try:
+            # The wrapper's step fires torch's global step hooks; the inner step must not fire them again.
+            loss = step_without_global_hooks(self._inner, closure)
+        except BaseException:
+            self._forget_state_since(had_state)  # a refused step (nonfinite="error") leaves no state behind
+            raise
         if skipped is not None and getattr(self._inner, "skipped_steps", None) != skipped:
+            self._forget_state_since(had_state)
             return loss  # the inner optimizer skipped this step (non-finite gradients): nothing happened
         self._after_inner_step()
         return loss
+
+    def _forget_state_since(self, had_state: set[int]) -> None:
+        """Drop the state of the parameters that had none before this step (their first-step slow copies)."""
+        for key in [k for k in self.state if isinstance(k, Tensor) and id(k) not in had_state]:
+            del self.state[key]
 
     @torch.no_grad()
     def _after_inner_step(self) -> None:
