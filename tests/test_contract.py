@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import math
 import pickle
 import sys
 import types
@@ -35,6 +36,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import gradstep
 from gradstep.core import registry
+from gradstep.core.nonfinite import NonFiniteError
 from gradstep.core.registry import Entry, states_of
 
 ENTRIES: list[Entry] = registry.entries()
@@ -720,3 +722,74 @@ def test_scheduler_and_closure(info: OptimizerInfo) -> None:
     assert isinstance(loss, Tensor) and len(calls) >= 1
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.5 * lr0)
     assert all(torch.isfinite(p).all() for p in params)
+
+
+# --- regressions of the behaviours this contract fixed --------------------------------------------------------------
+def test_hyperparameter_checks_name_the_argument() -> None:
+    import numpy as np
+
+    p = torch.nn.Parameter(torch.ones(3))
+    for bad, name in [
+        ({"lr": math.inf}, "lr"),
+        ({"eps": math.inf}, "eps"),
+        ({"weight_decay": math.inf}, "weight_decay"),
+        ({"lr": [0.1, 0.2]}, "lr"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            gradstep.Adam([p], **bad)
+    for momentum in (1.5, math.inf, -0.1):
+        with pytest.raises(ValueError, match="momentum"):
+            gradstep.SGD([p], lr=0.1, momentum=momentum)
+    with pytest.raises(TypeError, match="params"):
+        gradstep.Adam(None)
+    with pytest.raises(ValueError, match="twice"):
+        gradstep.Adam([p, p])
+    opt = gradstep.Adam([p], lr=np.float32(1e-3))
+    p.grad = torch.ones(3)
+    opt.step()
+
+
+def test_zero_policy_tells_a_non_finite_element_from_a_sum_overflow() -> None:
+    huge = torch.nn.Parameter(torch.zeros(2))
+    bad = torch.nn.Parameter(torch.zeros(2))
+    opt = gradstep.SGD([huge, bad], lr=1e-40, nonfinite="zero")
+    huge.grad = torch.tensor([3e38, 3e38])  # finite; its float32 sum overflows
+    bad.grad = torch.tensor([1.0, math.nan])
+    opt.step()
+    assert bool((huge.detach() < 0).all()) and torch.equal(bad.detach(), torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", [n for n in _rai_names()] + ["frank_wolfe"])
+@pytest.mark.parametrize("fault", [math.nan, math.inf])
+def test_parameter_transforming_optimizers_screen_the_users_gradient(name: str, fault: float) -> None:
+    info = next(i for i in INFOS if i.name == name)
+    params = make_params(info)
+    opt = build(info, params)
+    set_grads(params, 0)
+    params[0].grad[0, 0] = fault  # type: ignore[index]
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(NonFiniteError, match="param"):
+        opt.step()
+    assert_params_equal(params, before)
+
+
+def test_sparse_gradients_are_refused_naming_the_parameter() -> None:
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    for name in ("signed_gradient", "linf_projected"):
+        info = next(i for i in INFOS if i.name == name)
+        opt = build(info, [p])
+        p.grad = torch.ones(4, 3).to_sparse()
+        with pytest.raises(RuntimeError, match=r"sparse gradients \(parameter"):
+            opt.step()
+
+
+@pytest.mark.parametrize("name", ["lookahead", "ranger", "scout"])
+def test_wrappers_keep_no_state_from_a_refused_first_step(name: str) -> None:
+    info = next(i for i in INFOS if i.name == name)
+    params = make_params(info)
+    opt = build(info, params)
+    set_grads(params, 0)
+    params[1].grad[0] = math.nan  # type: ignore[index]
+    with pytest.raises(NonFiniteError):
+        opt.step()
+    assert not any(opt.state.get(p) for p in params)
