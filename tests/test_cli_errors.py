@@ -4,6 +4,7 @@ while running, 2 bad input (command line, output path, checkpoint)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -190,3 +191,72 @@ def test_a_train_loss_above_the_test_loss_is_explained(capsys: pytest.CaptureFix
     assert note is not None and note.startswith("train loss above test loss for adamw: the test text")
     history.curves = {"train_loss": [1.9], "test_loss": [2.0]}
     assert _train_above_test_note(CharLM.__new__(CharLM), [history]) is None
+
+
+# --- plots --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures the plot functions draw, kept instead of saved."""
+    from gradstep.lab import plots
+
+    drawn: list = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or str(path))
+    return drawn
+
+
+def test_every_legend_writes_an_optimizer_in_one_format() -> None:
+    from gradstep.lab.plots import legend_label
+
+    assert legend_label("sgd:lr=0.1,momentum=0.9") == "sgd (lr=0.1, momentum=0.9)"
+    assert legend_label("adamw", 0.001) == "adamw (lr=0.001)"
+    assert legend_label("sgd(lr=0.1, momentum=0.9)", 0.5) == "sgd (lr=0.1, momentum=0.9)"  # the spec's lr wins
+    assert legend_label("adam:betas=(0.9,0.99)", 3e-3) == "adam (lr=0.003, betas=(0.9, 0.99))"
+    assert legend_label("lamb") == "lamb"
+
+
+def test_curves_have_axis_labels_and_show_every_accuracy(figures: list) -> None:
+    from gradstep.lab import plots
+    from gradstep.lab.tasks import DigitsMLP
+    from gradstep.lab.tasks.training import History
+
+    task = DigitsMLP.__new__(DigitsMLP)
+    h = History("adamw", "digits-mlp", steps_requested=2, lr=1e-3)
+    h.step_loss, h.eval_steps = [2.3, 1.0], [0, 1, 2]
+    h.curves = {"train_loss": [2.3, 1.0, 0.5], "test_loss": [2.3, 1.1, 0.6], "test_accuracy": [0.1, 0.9, 0.97]}
+    plots.plot_curves([h], task, "unused.png")
+    (fig,) = figures
+    axes = fig.axes
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)
+    low, high = axes[-1].get_ylim()
+    assert low <= 0.1 and high >= 0.97  # the first evaluation (0.1) is inside the panel
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["adamw (lr=0.001)"]
+
+
+def test_trajectories_have_a_legend_for_their_markers(figures: list) -> None:
+    from gradstep.lab import plots
+    from gradstep.lab.tasks import Rosenbrock
+    from gradstep.lab.tasks.training import History
+
+    h = History("sgd:lr=0.001", "rosenbrock", steps_requested=1)
+    h.trajectory, h.eval_steps, h.curves = [[-2.0, 2.0], [-1.9, 1.9]], [0, 1], {"loss": [409.0, 300.0]}
+    plots.plot_trajectories([h], Rosenbrock(), "unused.png")
+    (fig,) = figures
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["start", "path (a dot per step)", "end", "minimum"]
+    assert fig.axes[0].get_xlabel() == "x" and fig.axes[0].get_ylabel() == "y"
+
+
+def test_the_lr_sweep_says_where_a_curve_ends_because_it_diverged(figures: list) -> None:
+    from gradstep.lab import plots
+    from gradstep.lab.tasks import SweepResult
+
+    sweep = SweepResult("lamb", [0.01, 0.1, 0.316, 1.0], [2.0, 1.0, 1.5, math.inf], best_lr=0.1, steps=8)
+    plots.plot_lr_sweep([sweep], "unused.png")
+    (fig,) = figures
+    ax = fig.axes[0]
+    assert "lamb: diverged at lr=1" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "diverged at lr=1" in [t.get_text() for t in ax.texts]  # on the plot, beside the x
+    assert "where the run diverged" in ax.get_title() and ax.get_xlabel() and ax.get_ylabel()

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from .tasks import Function2D, History, LRFinderResult, MissingDependency, SweepResult, Task
 
-__all__ = ["plot_curves", "plot_lr_find", "plot_lr_sweep", "plot_trajectories", "smooth"]
+__all__ = ["legend_label", "plot_curves", "plot_lr_find", "plot_lr_sweep", "plot_trajectories", "smooth"]
 
 DPI = 110
 COLORS = (
@@ -67,10 +66,23 @@ def smooth(values: Sequence[float], beta: float) -> list[float]:
     return out
 
 
+def legend_label(spec: str, lr: float | None = None) -> str:
+    """One format for every optimizer: ``sgd (lr=0.1, momentum=0.9)``, ``adamw (lr=0.001)``. The lr is added
+    where the spec does not say it (a default, ``--lr``, or the sweep's choice)."""
+    from ..core.registry import parse_spec
+
+    try:
+        name, hypers = parse_spec(spec)
+    except ValueError:  # not a spec (a label given by hand): shown as it is
+        return spec if lr is None else f"{spec} (lr={lr:.3g})"
+    if lr is not None and "lr" not in hypers:
+        hypers = {"lr": float(f"{lr:.3g}"), **hypers}
+    shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in hypers.items())
+    return f"{name} ({shown})" if shown else name
+
+
 def _label(h: History) -> str:
-    # The lr is worth adding where the spec does not say it (a default, --lr, or the sweep's choice).
-    given = re.search(r"[:(,]\s*lr\s*=", h.label)
-    return h.label if h.lr is None or given else f"{h.label} (lr {h.lr:.3g})"
+    return legend_label(h.label, h.lr)
 
 
 def _use_log(values: Sequence[float]) -> bool:
@@ -108,10 +120,12 @@ def plot_curves(histories: Sequence[History], task: Task, path: str | os.PathLik
             seen.extend(ys)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel("loss" if key == "step_loss" else title)
         if key in higher:
-            finals = [v for h in histories if h.diverged is None and (v := h.final(key)) is not None]
-            if finals:
-                ax.set_ylim(max(0.0, min(finals) - 0.1), min(1.0, max(finals)) + 0.01)
+            # Every evaluation of the runs that went to the end, the first ones included (an accuracy from 0.1).
+            values = [v for h in histories if h.diverged is None for v in h.curves.get(key, []) if math.isfinite(v)]
+            if values:
+                ax.set_ylim(max(0.0, min(values) - 0.02), min(1.0, max(values)) + 0.02)
         elif _use_log(seen):
             ax.set_yscale("log")
             finite = [v for v in seen if math.isfinite(v)]
@@ -171,25 +185,50 @@ def plot_trajectories(histories: Sequence[History], task: Function2D, path: str 
         final = h.final("loss")
         status = "diverged" if h.diverged is not None else (f"f = {final:.3g}" if final is not None else "")
         ax.set_title(f"{_label(h)}\n{status}, {h.steps} steps", fontsize=9)
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
         ax.set_aspect("equal")
     fig.suptitle(task.description, fontsize=10)
+    fig.legend(handles=_trajectory_keys(), loc="outside lower center", ncol=4, fontsize=9)
     return _save(fig, path)
+
+
+def _trajectory_keys() -> list[Any]:
+    """What the trajectories' markers mean, for their legend."""
+    from matplotlib.lines import Line2D
+
+    return [
+        Line2D([], [], color="white", marker="o", markersize=7, markeredgecolor="black", linestyle="none",
+               label="start"),
+        Line2D([], [], color="gray", marker="o", markersize=1.8, linewidth=1.4, label="path (a dot per step)"),
+        Line2D([], [], color="gray", marker="o", markersize=6, markeredgecolor="black", linestyle="none",
+               label="end"),
+        Line2D([], [], color="gold", marker="*", markersize=13, markeredgecolor="black", linestyle="none",
+               label="minimum"),
+    ]  # fmt: skip
 
 
 def plot_lr_sweep(sweeps: Sequence[SweepResult], path: str | os.PathLike[str], colors: Sequence[int] = ()) -> str:
     """``--lr auto``: each optimizer's score (mean minibatch loss at the end of a short run) against the lr tried;
     the chosen lr is the filled marker, a diverged run an ``x`` at the top."""
-    fig = _figure(6.4, 4.2)
+    fig = _figure(8.4, 4.4)
     ax = fig.subplots()
     finite = [s for r in sweeps for s in r.scores if math.isfinite(s)]
     top = max(finite) * 1.5 if finite else 1.0
     for i, r in enumerate(sweeps):
         c = color(colors[i] if i < len(colors) else i)
         pts = [(lr, s) for lr, s in zip(r.lrs, r.scores) if math.isfinite(s)]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, marker="o", markersize=4, label=r.label)
+        label = legend_label(r.label)
         bad = [lr for lr, s in zip(r.lrs, r.scores) if not math.isfinite(s)]
         if bad:
+            # Why the curve ends: said on the plot, at the lr where the run diverged.
+            label += f": diverged at lr={bad[0]:.3g}"
             ax.plot(bad, [top] * len(bad), linestyle="none", marker="x", color=c)
+            ax.annotate(
+                f"diverged at lr={bad[0]:.3g}", (bad[0], top), textcoords="offset points", xytext=(-7, -9 * i),
+                ha="right", va="center", fontsize=7, color=c,
+            )  # fmt: skip
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, marker="o", markersize=4, label=label)
         best = dict(zip(r.lrs, r.scores))[r.best_lr]
         if math.isfinite(best):
             ax.plot([r.best_lr], [best], marker="o", markersize=10, color=c, markeredgecolor="black")
@@ -199,9 +238,13 @@ def plot_lr_sweep(sweeps: Sequence[SweepResult], path: str | os.PathLike[str], c
     ax.set_xlabel("learning rate")
     ax.set_ylabel("mean minibatch loss, last quarter of the run")
     steps = sweeps[0].steps if sweeps else 0
-    ax.set_title(f"learning-rate sweep ({steps} steps per lr; filled: chosen)", fontsize=10)
+    ax.set_title(
+        f"learning-rate sweep ({steps} steps per lr; large dot: the lr chosen)\n"
+        "a curve ends one lr past its best, where the loss rises again, or where the run diverged (x)",
+        fontsize=9,
+    )
     ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
