@@ -260,3 +260,24 @@ def test_the_lr_sweep_says_where_a_curve_ends_because_it_diverged(figures: list)
     assert "lamb: diverged at lr=1" in [t.get_text() for t in ax.get_legend().get_texts()]
     assert "diverged at lr=1" in [t.get_text() for t in ax.texts]  # on the plot, beside the x
     assert "where the run diverged" in ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+
+
+# --- the exit statuses the docs give ------------------------------------------------------------------------------
+
+
+def test_the_documented_exit_statuses_are_the_ones_returned(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradstep.lab import cli
+
+    doc = " ".join((cli.__doc__ or "").split())
+    assert "Exit statuses: 0 done; 2 bad input" in doc and "1 when something" in doc and "130 interrupted" in doc
+    assert run_main(capsys, "--version")[0] == 0
+    assert run_main(capsys, "info", "adamww")[0] == 2
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_info", interrupted)
+    status, out, err = run_main(capsys, "info", "adamw")
+    assert status == 130 and err == "gradstep: interrupted\n"

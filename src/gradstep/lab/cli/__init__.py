@@ -17,12 +17,23 @@ those of :mod:`gradstep.lab.tasks`: ``digits-mlp`` (alias ``digits``), ``digits-
 ``compare`` writes ``results.json``, ``loss-curves.png`` (and ``trajectories.png`` for the 2-D functions,
 ``lr-sweep.png`` with ``--lr auto``) and ``report.html``, which embeds the pictures, into ``--out`` (default
 ``gradstep-out/compare-TASK``); ``--no-report`` writes nothing. ``lr-find`` writes ``lr-find.png`` and
-``lr-find.json`` the same way (default ``gradstep-out/lr-find-TASK``).
+``lr-find.json`` the same way (default ``gradstep-out/lr-find-TASK``). A report is never replaced silently: when the
+default directory already holds one, the run goes to ``compare-TASK-2``, ``-3``, ... (the command says where); a
+``--out DIR`` that holds one is refused unless ``--overwrite`` is given. The output directory is created, and a file
+written in it, before any training, so a report that could not be written fails first. ``compare`` refuses the
+same optimizer twice (``adamw adamw``, or ``adamw adamw:lr=1e-3``, which is its default): two identical runs.
 
-Errors are one line on stderr, ``gradstep: error: ...``: exit status 2 for a bad command line (unknown optimizer or
-task, malformed or invalid hyperparameter, an output path that cannot be written, a checkpoint that cannot be
-read), 1 when something the command needs is missing (scikit-learn) or fails while running (with the environment
-variable ``GRADSTEP_TRACEBACK=1``, such a failure shows its traceback). This module parses and
+The header of ``compare`` says how long the runs were in the task's terms: steps alone for the 2-D functions
+(every step sees the whole function: there are no epochs, batches or random draws), whole epochs and the steps left
+over for the others. Where the train loss ends above the test loss, a note says why (char-lm: the test text is
+easier to predict than the training text; no dropout or smoothing is involved).
+
+Exit statuses: 0 done; 2 bad input, with nothing run (unknown optimizer or task, malformed or invalid
+hyperparameter, the same optimizer twice, an output path that cannot be written, a report already in ``--out``, a
+checkpoint that cannot be read or holds no optimizer state_dict); 1 when something the command needs is missing
+(scikit-learn) or fails while running (with the environment variable ``GRADSTEP_TRACEBACK=1``, such a failure shows
+its traceback); 130 interrupted (Ctrl-C). Errors are one line on stderr, ``gradstep: error: ...``; an unknown
+optimizer name comes with the closest registered one (``adamww``: did you mean ``adamw``?). This module parses and
 prints; training is :mod:`gradstep.lab.tasks`, pictures :mod:`gradstep.lab.plots`, the HTML
 :mod:`gradstep.lab.report`, checkpoints :mod:`gradstep.tools.checkpoint`.
 
