@@ -16,6 +16,13 @@ gradients. ``--modes screened`` adds a compiled row with the default ``nonfinite
 more read of the gradients and one host sync per step). First steps are measured with an empty inductor cache (a fresh
 ``TORCHINDUCTOR_CACHE_DIR``): what a user's first run pays; later runs load the compiled code from the cache.
 
+Optimizers that cannot take the workload as it is are adapted from their registry entry, and each adaptation is
+printed with the results: an optimizer that needs a closure (L-BFGS) steps with a cheap one (a linear loss whose
+gradient is the fixed one already in ``.grad``: the closure's cost, one dot product over the parameters, is in every
+row of that optimizer, the peers' too); a matrix optimizer (``Entry.min_ndim``: Muon) gets only the workload's tensors
+of that many dimensions; one that takes sparse gradients only (SparseAdam) is left out; one without a compiled path
+runs eager only. An optimizer with a ``train()`` method (schedule-free) is put in training mode before its first step.
+
     gradstep bench                          # every registered optimizer, eager and compiled (about 20 minutes)
     gradstep bench --only adam lamb --scale 0.25
     gradstep bench --only adamw --modes compiled screened
@@ -53,11 +60,16 @@ MODES = ("eager", "compiled", "screened")
 def _gradstep_factory(name: str, mode: str, nonfinite: str = "ignore") -> Factory:
     entry = get(name)
     hypers = {**{k: entry.example[k] for k in entry.required_args}, **SAME_AS_PEERS.get(name, {})}
+    accepted = entry.hyperparameters()
     if mode == "screened":
         nonfinite = "error"
+    if "compiled" in accepted:
+        hypers["compiled"] = mode != "eager"
+    if "nonfinite" in accepted:
+        hypers["nonfinite"] = nonfinite
 
     def build(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return entry(params, **hypers, compiled=(mode != "eager"), nonfinite=nonfinite)
+        return entry(params, **hypers)
 
     return build
 
@@ -65,6 +77,52 @@ def _gradstep_factory(name: str, mode: str, nonfinite: str = "ignore") -> Factor
 def workload(scale: float = 1.0) -> list[tuple[int, ...]]:
     d = max(8, int(1024 * scale**0.5))
     return [(d, d)] * 12 + [(4 * d, d)] + [(d, d // 4)] * 3 + [(d,)] * 8
+
+
+def excluded(name: str) -> str | None:
+    """Why ``name`` is not timed on the workload, or ``None``: read from its registry entry's capabilities."""
+    if get(name).capabilities.sparse_only:
+        return "takes sparse gradients only; the workload's gradients are dense"
+    return None
+
+
+def adaptations(name: str, shapes: list[tuple[int, ...]], modes: tuple[str, ...]) -> list[str]:
+    """How the workload or the modes are changed for ``name`` (empty when it runs as every other optimizer)."""
+    entry = get(name)
+    notes = []
+    min_ndim = getattr(entry, "min_ndim", 0)
+    if min_ndim > 1:
+        kept = _eligible(name, shapes)
+        notes.append(
+            f"only the workload's {min_ndim}-D or larger tensors ({len(kept)} of {len(shapes)}, "
+            f"{sum(torch.Size(s).numel() for s in kept) / 1e6:.2f}M of "
+            f"{sum(torch.Size(s).numel() for s in shapes) / 1e6:.2f}M parameters): it refuses the others"
+        )
+    if entry.capabilities.closure_required:
+        notes.append("steps with a closure (a linear loss; the closure's dot product is timed too, the peers' as well)")
+    if "compiled" not in entry.hyperparameters() and any(m != "eager" for m in modes):
+        notes.append("no compiled path: eager row only")
+    return notes
+
+
+def _eligible(name: str, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    min_ndim = getattr(get(name), "min_ndim", 0)
+    return [s for s in shapes if len(s) >= min_ndim]
+
+
+def _modes_for(name: str, modes: tuple[str, ...]) -> tuple[str, ...]:
+    return modes if "compiled" in get(name).hyperparameters() else tuple(m for m in modes if m == "eager")
+
+
+def _linear_loss_closure(params: list[torch.nn.Parameter]) -> Callable[[], float]:
+    """A closure for optimizers that need one: the loss ``sum(p . g)`` for the fixed gradients ``g`` already in
+    ``.grad``, so the closure computes no gradient and its cost is one read of the parameters and gradients."""
+    pairs = [(p.detach().view(-1), p.grad.detach().view(-1)) for p in params if p.grad is not None]
+
+    def closure() -> float:
+        return float(torch.stack([torch.dot(p, g) for p, g in pairs]).sum())
+
+    return closure
 
 
 def _params(shapes: list[tuple[int, ...]], device: str) -> list[torch.nn.Parameter]:
@@ -113,7 +171,7 @@ def _silenced_fds() -> Iterator[None]:
             os.close(fd)
 
 
-def _peak_extra_bytes(opt: torch.optim.Optimizer) -> int:
+def _peak_extra_bytes(step: Callable[[], object]) -> int:
     """Peak bytes allocated during one step on the CPU, from the profiler's allocation and free events.
 
     The raw events are read because the profiler's per-op totals attribute frees to enclosing annotations. State the
@@ -122,7 +180,7 @@ def _peak_extra_bytes(opt: torch.optim.Optimizer) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with _silenced_fds(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        opt.step()
+        step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
     level = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
@@ -146,22 +204,38 @@ class Row:
         return self.ms / self.floor_ms
 
 
-def measure(factory: Factory, shapes: list[tuple[int, ...]], device: str, steps: int, warmup: int) -> tuple:
+def measure(
+    factory: Factory,
+    shapes: list[tuple[int, ...]],
+    device: str,
+    steps: int,
+    warmup: int,
+    closure: bool = False,
+) -> tuple:
+    """Median ms/step, first-step seconds, state bytes per parameter, peak extra MB; ``closure``: step(closure)."""
     torch._dynamo.reset()  # each measurement compiles from scratch: first-step times are comparable
     params = _params(shapes, device)
     opt = factory(params)
+    train = getattr(opt, "train", None)
+    if callable(train):  # schedule-free optimizers step in training mode
+        train()
+    loss = _linear_loss_closure(params) if closure else None
+
+    def step() -> object:
+        return opt.step(loss) if loss is not None else opt.step()
+
     _sync(device)
     start = time.perf_counter()
-    opt.step()
+    step()
     _sync(device)
     first = time.perf_counter() - start
     for _ in range(warmup):
-        opt.step()
+        step()
     times = []
     for _ in range(steps):
         _sync(device)
         start = time.perf_counter()
-        opt.step()
+        step()
         _sync(device)
         times.append(time.perf_counter() - start)
     n = sum(p.numel() for p in params)
@@ -172,7 +246,7 @@ def measure(factory: Factory, shapes: list[tuple[int, ...]], device: str, steps:
         for v in s.values()
         if isinstance(v, torch.Tensor) and v.dim() > 0
     )
-    peak = _peak_extra_bytes(opt) / 2**20 if device == "cpu" else None
+    peak = _peak_extra_bytes(step) / 2**20 if device == "cpu" else None
     return statistics.median(times) * 1e3, first, round(state / n), peak
 
 
@@ -186,22 +260,37 @@ def run(
     peers: bool = True,
     report: Callable[[Row], None] | None = None,
     nonfinite: str = "ignore",
+    notes: list[str] | None = None,
 ) -> tuple[float, list[Row]]:
-    """Measure; returns the bandwidth (bytes/s) and one row per (optimizer, implementation)."""
+    """Measure; returns the bandwidth (bytes/s) and one row per (optimizer, implementation).
+
+    ``notes`` receives one line per optimizer left out or adapted (see :func:`excluded`, :func:`adaptations`).
+    """
     shapes = workload(scale)
-    n = sum(torch.Size(s).numel() for s in shapes)
     bw = bandwidth(shapes, device)
     table = implementations() if peers else {}
     rows: list[Row] = []
     for name in names or [e.name for e in entries()]:
         entry = get(name)
+        reason = excluded(name)
+        for line in [f"left out: {reason}"] if reason else adaptations(name, shapes, modes):
+            print(f"# {name}: {line}")
+            if notes is not None:
+                notes.append(f"{name}: {line}")
+        if reason:
+            continue
+        own_shapes = _eligible(name, shapes)
+        own_n = sum(torch.Size(s).numel() for s in own_shapes)
         state_tensors = entry.capabilities.state_tensors + (1 if name in SAME_AS_PEERS else 0)
-        floor_ms = 4 * (3 + 2 * state_tensors) * n / bw * 1e3
-        candidates = [(f"gradstep {mode}", _gradstep_factory(name, mode, nonfinite)) for mode in modes]
+        floor_ms = 4 * (3 + 2 * state_tensors) * own_n / bw * 1e3
+        candidates = [
+            (f"gradstep {mode}", _gradstep_factory(name, mode, nonfinite)) for mode in _modes_for(name, modes)
+        ]
         candidates += list(table.get(name, {}).items())
+        closure = entry.capabilities.closure_required
         for label, factory in candidates:
             try:
-                ms, first, state, peak = measure(factory, shapes, device, steps, warmup)
+                ms, first, state, peak = measure(factory, own_shapes, device, steps, warmup, closure)
             except Exception as exc:  # a peer that fails on this workload is reported, not fatal
                 print(f"# {name} {label}: {type(exc).__name__}: {exc}")
                 continue
@@ -219,7 +308,7 @@ def _fused_adamw_ms(rows: list[Row], shapes: list[tuple[int, ...]], device: str,
     return measure(lambda p: torch.optim.AdamW(p, fused=True), shapes, device, steps, warmup)[0]
 
 
-def markdown(bw: float, rows: list[Row], fused_adamw_ms: float) -> str:
+def markdown(bw: float, rows: list[Row], fused_adamw_ms: float, notes: list[str] | None = None) -> str:
     lines = [
         f"bandwidth {bw / 1e9:.1f} GB/s; torch fused AdamW {fused_adamw_ms:.1f} ms/step",
         "",
@@ -235,6 +324,8 @@ def markdown(bw: float, rows: list[Row], fused_adamw_ms: float) -> str:
             f"| {r.optimizer} | {r.implementation} | {r.ms:.1f} | {r.x_floor:.2f} | {r.ms / fused_adamw_ms:.2f} "
             f"| {vs_fast} | {r.first_step_s:.2f} | {r.state_bytes} | {peak} |"
         )
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     return "\n".join(lines)
 
 
@@ -293,12 +384,22 @@ def main(argv: list[str] | None = None) -> int:
     def report(row: Row) -> None:
         print(f"  {row.optimizer:18s} {row.implementation:20s} {row.ms:8.1f} ms  x floor {row.x_floor:5.2f}")
 
+    notes: list[str] = []
     bw, rows = run(
-        args.only, args.scale, args.steps, args.warmup, args.device, modes, not args.no_peers, report, args.nonfinite
+        args.only,
+        args.scale,
+        args.steps,
+        args.warmup,
+        args.device,
+        modes,
+        not args.no_peers,
+        report,
+        args.nonfinite,
+        notes,
     )
     fused = _fused_adamw_ms(rows, shapes, args.device, args.steps, args.warmup)
     print()
-    print(markdown(bw, rows, fused))
+    print(markdown(bw, rows, fused, notes))
     if args.json:
         import json
 

@@ -56,7 +56,10 @@ def _factory(module: Any, name: str, **hypers: Any) -> Factory:
 def implementations() -> dict[str, dict[str, Factory]]:
     """For each gradstep registry name, the other implementations of the same algorithm that import here.
 
-    Each factory builds the peer with its own defaults (the benchmark measures speed, not numerics).
+    Each peer runs the configuration gradstep's row runs (gradstep's defaults, plus the registry's required
+    arguments and :data:`gradstep.lab.bench.SAME_AS_PEERS`): where a peer's default differs, it is given gradstep's
+    value. heavyball is left out: it compiles each step function with ``torch.compile`` (tens of seconds per shape on
+    a CPU) and its classes' defaults (update clipping, betas, epsilon placement) are not the algorithms' as published.
     """
     t = torch.optim
     table: dict[str, dict[str, Factory]] = {
@@ -69,7 +72,19 @@ def implementations() -> dict[str, dict[str, Factory]]:
         "adamax": {"torch foreach": lambda p: t.Adamax(p, foreach=True)},
         "rmsprop": {"torch foreach": lambda p: t.RMSprop(p, foreach=True)},
         "radam": {"torch foreach": lambda p: t.RAdam(p, foreach=True)},
+        "nadam": {"torch foreach": lambda p: t.NAdam(p, foreach=True)},
+        "adagrad": {
+            "torch foreach": lambda p: t.Adagrad(p, foreach=True),
+            "torch fused": lambda p: t.Adagrad(p, fused=True),
+        },
+        "adadelta": {"torch foreach": lambda p: t.Adadelta(p, foreach=True)},
+        "asgd": {"torch foreach": lambda p: t.ASGD(p, foreach=True)},
+        "rprop": {"torch foreach": lambda p: t.Rprop(p, foreach=True)},
+        "lbfgs": {"torch": lambda p: t.LBFGS(p)},
+        "adafactor": {"torch foreach": lambda p: t.Adafactor(p, foreach=True)},
+        "muon": {"torch": lambda p: t.Muon(p)},
     }
+    _add_modern_peers(table)
     pto = _optional("pytorch_optimizer")
     if pto is not None:
         for name, cls in [
@@ -117,3 +132,46 @@ def implementations() -> dict[str, dict[str, Factory]]:
     if clova is not None:
         table.setdefault("adamp", {})["adamp (clovaai)"] = _factory(clova, "AdamP")
     return table
+
+
+def _add_modern_peers(table: dict[str, dict[str, Factory]]) -> None:
+    """Peers of the optimizers published since torch.optim's classics, each with gradstep's defaults."""
+
+    def add(name: str, label: str, module: ModuleType | None, cls: str, **hypers: Any) -> None:
+        if module is not None:
+            table.setdefault(name, {})[label] = _factory(module, cls, **hypers)
+
+    lion = _optional("lion_pytorch")
+    add("lion", "lion-pytorch", lion, "Lion", lr=1e-4)
+    optimi = _optional("optimi")
+    add("lion", "torch-optimi", optimi, "Lion", lr=1e-4)
+    add("stableadamw", "torch-optimi", optimi, "StableAdamW", lr=1e-3)
+    came = _optional("came_pytorch")
+    add("came", "came-pytorch", came, "CAME", lr=2e-3)  # gradstep's lr is required: the registry example's
+    sf = _optional("schedulefree")
+    add("sgd_schedule_free", "schedulefree", sf, "SGDScheduleFree")
+    add("adamw_schedule_free", "schedulefree", sf, "AdamWScheduleFree")
+    add("radam_schedule_free", "schedulefree", sf, "RAdamScheduleFree")
+    add("prodigy", "prodigyopt", _optional("prodigyopt"), "Prodigy")
+    dadapt = _optional("dadaptation")
+    add("dadapt_adam", "dadaptation", dadapt, "DAdaptAdam")
+    add("dadapt_sgd", "dadaptation", dadapt, "DAdaptSGD")
+    add("dadapt_adagrad", "dadaptation", dadapt, "DAdaptAdaGrad")
+    pto = _optional("pytorch_optimizer")
+    label = "pytorch-optimizer"
+    add("lion", label, pto, "Lion")
+    add("cautious_lion", label, pto, "Lion", cautious=True)
+    add("came", label, pto, "CAME", lr=2e-3)
+    add("adopt", label, pto, "ADOPT")
+    add("mars", label, pto, "MARS")
+    add("laprop", label, pto, "LaProp")
+    add("stableadamw", label, pto, "StableAdamW", eps=1e-6, kahan_sum=False)
+    add("prodigy", label, pto, "Prodigy")
+    add("dadapt_adam", label, pto, "DAdaptAdam")
+    add("dadapt_sgd", label, pto, "DAdaptSGD", momentum=0.0)
+    add("dadapt_adagrad", label, pto, "DAdaptAdaGrad", eps=1e-6)
+    if pto is not None:  # its groups say which parameters are orthogonalized (the others would go to AdamW)
+        table.setdefault("normuon", {})[label] = lambda p: pto.NorMuon([{"params": p, "use_muon": True}])
+    add("sgd_schedule_free", label, pto, "ScheduleFreeSGD")
+    add("adamw_schedule_free", label, pto, "ScheduleFreeAdamW")
+    add("radam_schedule_free", label, pto, "ScheduleFreeRAdam")
