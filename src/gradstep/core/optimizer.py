@@ -602,13 +602,34 @@ def group_step(
         if decay and mode == "proximal":
             ops.mul_(targets, _reciprocal_one_plus(lr_wd))
     else:
-        _write_step(ctx, targets, evaluate(updates), lr, lr_wd if decay else None)
+        # Stochastic rounding with a projection after the step (NeroPlus): project the full-precision value and
+        # round once; rounding first would turn the part of the update the projection cancels into noise.
+        project_wide = group["stochastic_rounding"] and any(
+            type(t).after_step is not Transform.after_step for t in transforms
+        )
+        wide = _write_step(ctx, targets, evaluate(updates), lr, lr_wd if decay else None, defer_rounding=project_wide)
+        if wide is not None:
+            for t in transforms:
+                t.after_step(ctx, wide)
+            rounded = [_stochastic_round_to_bf16(n) if t.dtype == torch.bfloat16 else n for n, t in zip(wide, targets)]
+            ops.copy_(targets, rounded)
+            return
     for t in transforms:
         t.after_step(ctx, targets)
 
 
-def _write_step(ctx: GroupStep, targets: TensorList, updates: TensorList, lr: Coef, lr_wd: Coef | None) -> None:
-    """The general write: explicit step (clipped), reverts of non-finite elements, low-precision parameters."""
+def _write_step(
+    ctx: GroupStep,
+    targets: TensorList,
+    updates: TensorList,
+    lr: Coef,
+    lr_wd: Coef | None,
+    defer_rounding: bool = False,
+) -> TensorList | None:
+    """The general write: explicit step (clipped), reverts of non-finite elements, low-precision parameters.
+
+    With ``defer_rounding`` (stochastic rounding), the new values are returned in full precision, unwritten.
+    """
     group, ops, params = ctx.group, ctx.ops, ctx.params
     mode = group["weight_decay_mode"]
     delta = ops.mul(updates, lr)
@@ -625,9 +646,12 @@ def _write_step(ctx: GroupStep, targets: TensorList, updates: TensorList, lr: Co
         ops.mul_(new, _reciprocal_one_plus(lr_wd))
     if group["nonfinite"] in ("zero", "revert"):
         new = ops.where(ops.isfinite(new), new, params)
+    if defer_rounding:
+        return new
     if group["stochastic_rounding"]:
         new = [_stochastic_round_to_bf16(n) if t.dtype == torch.bfloat16 else n for n, t in zip(new, targets)]
     ops.copy_(targets, new)
+    return None
 
 
 SCHEDULED_HYPERS = ("lr", "betas", "momentum", "weight_decay")
