@@ -769,7 +769,7 @@ for _entry in (
             "safeguard_warmup": True,
             "d_coef": 2.0,
             "growth_rate": 1.5,
-            "d0": 1e-3,
+            "d0": 1e-2,
         },
         invalid=(({"d0": 0.0}, "d0"), ({"slice_p": 0}, "slice_p"), ({"beta3": 1.0}, "beta3")),
         sharding=_WHOLE_MODEL,
