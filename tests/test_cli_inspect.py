@@ -117,13 +117,17 @@ def test_a_torch_run_converted_by_the_cli_resumes_in_gradstep_exactly_as_torch_g
     assert max((a - b).abs().max().item() for a, b in zip(params_of(control), expected)) > 1e-6
 
 
-def test_gradstep_refuses_an_unconverted_torch_state_dict() -> None:
-    # Why the conversion exists: gradstep's groups have hyperparameters torch's lack.
+def test_an_unconverted_torch_state_dict_loads_like_the_converted_one() -> None:
+    # gradstep's load_state_dict fills the hyperparameters torch's groups lack with its defaults, as torch does.
     model = make_model()
     opt = torch.optim.Adam(model.parameters())
     train(model, opt, range(1))
-    with pytest.raises(ValueError, match="lacks"):
-        gradstep.Adam(model.parameters()).load_state_dict(opt.state_dict())
+    direct, converted = gradstep.Adam(model.parameters()), gradstep.Adam(model.parameters())
+    direct.load_state_dict(opt.state_dict())
+    converted.load_state_dict(convert(opt.state_dict(), "adam"))
+    for p in model.parameters():
+        for key, value in converted.state[p].items():
+            assert torch.equal(direct.state[p][key], value), key
 
 
 def test_convert_takes_the_weight_decay_mode_from_torch_or_else_from_the_target() -> None:
