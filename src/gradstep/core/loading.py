@@ -191,7 +191,8 @@ def _validated_param_state(
 ) -> dict[str, Any]:
     me = type(opt).__name__
     where = f"{me} cannot load this state_dict: the state of {name}"
-    expected = opt.expected_state_keys(group)
+    templates = opt.state_templates(group, p)
+    expected = opt.expected_state_keys(group) | set(templates)
     extra = sorted(map(str, set(pstate) - expected))
     if extra:
         raise ValueError(
@@ -207,13 +208,6 @@ def _validated_param_state(
         new["step"] = torch.tensor(1.0, dtype=STEP_DTYPE, device=p.device)
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)} (a state buffer {me} needs)")
-    view = torch.view_as_real(p) if p.is_complex() else p
-    dtype = opt._state_dtype(group, p)
-    templates: dict[str, Any] = {}
-    meta = torch.empty(view.shape, dtype=view.dtype, device="meta")
-    for t in opt.transforms:
-        for key, init in t.buffers(group).items():
-            templates.setdefault(key, init(meta, dtype))
     for key, value in pstate.items():
         if key == "step":
             count = step_value(value)
@@ -222,7 +216,22 @@ def _validated_param_state(
             new["step"] = torch.tensor(count, dtype=STEP_DTYPE, device=p.device)
             continue
         new[key] = _checked_buffer(where, key, value, templates.get(key), p)
+    if group.get("state_codec", "fp32") != "fp32":
+        # Coded parts are read bit by bit: a part of another dtype would decode to garbage, not to a cast value.
+        for key, template in templates.items():
+            if isinstance(template, Tensor) and template.dtype != new[key].dtype:
+                if template.dtype in _CODED_DTYPES or new[key].dtype in _CODED_DTYPES:
+                    raise ValueError(
+                        f"{where}: {key} has dtype {new[key].dtype}, expected {template.dtype} "
+                        f"(state_codec={group['state_codec']!r}; gradstep.convert_state_codec converts a checkpoint "
+                        "saved with another codec)"
+                    )
     return new
+
+
+_CODED_DTYPES = tuple(
+    d for d in (torch.bfloat16, torch.uint8, torch.int8, getattr(torch, "float8_e4m3fn", None)) if d is not None
+)
 
 
 def _checked_buffer(where: str, key: str, value: Any, template: Any, p: Tensor) -> Any:
@@ -241,6 +250,8 @@ def _checked_buffer(where: str, key: str, value: Any, template: Any, p: Tensor) 
     ):
         raise ValueError(f"{where}: {key} has dtype {value.dtype}, expected {template.dtype}")
     local = value.to_local() if _is_dtensor(value) else value  # type: ignore[attr-defined]
+    if local.is_floating_point() and local.element_size() == 1:
+        local = local.float()  # float8 codes: isfinite has no kernel for them
     if local.is_floating_point() and not bool(torch.isfinite(local).all()):
         raise ValueError(f"{where}: {key} holds NaN or infinite values")
     if _is_dtensor(value):

@@ -17,6 +17,7 @@ optional stochastic rounding of the write), complex parameters (as real views), 
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import warnings
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from . import codecs
 from .cautious import with_cautious
 from .groups import GroupToolsMixin
 from .hypers import REQUIRED, Hyper, boolean, expand_hypers, non_negative, non_negative_int, one_of, optional_bool
@@ -69,6 +71,13 @@ CORE_HYPERS: tuple[Hyper, ...] = (
     Hyper("clip_step", 0.0, non_negative, "clamp each element of the final step to [-clip_step, clip_step] (0: off)"),
     Hyper("backoff_steps", 0, non_negative_int, "the first N steps update the state but not the parameters"),
     Hyper("stochastic_rounding", False, boolean, "round bfloat16 parameter writes stochastically"),
+    Hyper(
+        "state_codec",
+        "fp32",
+        one_of(*codecs.CODECS),
+        "storage of element-wise state buffers: fp32 (the state dtype), bf16, bf16+ecc, int8, int4 or fp8 "
+        "(see gradstep.core.codecs); decoded for the math, encoded after it",
+    ),
     Hyper("compiled", False, boolean, "the fast path: run the group's step as one torch.compile'd function"),
     Hyper(
         "chunk_numel",
@@ -204,6 +213,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                     raise ValueError(f"{type(self).__name__} needs a value of {name} (no default)")
             for t in self._transforms:
                 t.check_group(group)
+            self._check_codec(group)
             seen: set[int] = set()
             for i, p in enumerate(group["params"]):
                 if id(p) in seen:
@@ -217,6 +227,37 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()  # torch appends before our checks; a refused group must not stay
             raise
+
+    def _check_codec(self, group: dict[str, Any]) -> None:
+        """Refuse a ``state_codec`` that some parameter or buffer of the group cannot be stored with."""
+        codec = group["state_codec"]
+        if codec == "fp32":
+            return
+        me = type(self).__name__
+        if type(self)._prepare_step is not ChainedOptimizer._prepare_step:
+            # Model-wide estimates (D-Adaptation, Prodigy) and schedule-free's train/eval switch read the state
+            # outside the chain, where nothing decodes it.
+            raise ValueError(f"{me} reads its state outside the update chain: state_codec must be 'fp32'")
+        if self._sparse_gradients() == "required":
+            raise ValueError(
+                f"{me} steps sparse gradients only, which no state_codec serves: state_codec must be 'fp32'"
+            )
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            name = names[i] if names else f"{i} (shape {tuple(p.shape)})"
+            if p.is_complex() or not p.is_floating_point():
+                raise TypeError(
+                    f"{me}: state_codec={codec!r} needs real floating-point parameters; parameter {name} is {p.dtype}"
+                )
+            meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+            for t in self._transforms:
+                for key, init in t.buffers(group).items():
+                    buf = init(meta, self._state_dtype(group, p))
+                    if isinstance(buf, Tensor) and buf.numel() > 1 and tuple(buf.shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"{me}: state_codec={codec!r} cannot store {key!r} of parameter {name} (shape "
+                            f"{tuple(buf.shape)}, not element-wise like the parameter {tuple(p.shape)}); use 'fp32'"
+                        )
 
     def _refuse_shared_params(self, param_group: dict[str, Any]) -> None:
         """A parameter already in another group is refused by name (torch's message names none of them)."""
@@ -266,10 +307,49 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=STEP_DTYPE, device=p.device)
         view = torch.view_as_real(p) if p.is_complex() else p
         dtype = self._state_dtype(group, p)
+        coded = dict(self._coded_buffers(group, view, dtype))
         for t in self._transforms:
             for name, init in t.buffers(group).items():
                 if name not in state:
                     state[name] = _init_sharded(init, view, dtype) if _is_dtensor(view) else init(view.detach(), dtype)
+                    if name in coded:
+                        parts = codecs.encode(group["state_codec"], state[name], coded[name])
+                        state.update((name + suffix, part) for suffix, part in parts.items())
+
+    def _coded_buffers(self, group: dict[str, Any], view: Tensor, dtype: torch.dtype) -> list[tuple[str, bool]]:
+        """The state keys of a parameter that ``state_codec`` stores coded, each with whether it may be negative.
+
+        Decided from the shape alone (the buffers a meta parameter would get), so the same for every step and load.
+        """
+        codec = group["state_codec"]
+        if codec == "fp32":
+            return []
+        cache = self.__dict__.setdefault("_codec_layouts", {})
+        signature = (codec, tuple(view.shape), view.dtype, dtype, tuple(sorted(self.expected_state_keys(group))))
+        if signature not in cache:
+            meta = torch.empty(view.shape, dtype=view.dtype, device="meta")
+            coded: list[tuple[str, bool]] = []
+            for t in self._transforms:
+                unsigned = codecs.NONNEGATIVE_BUFFERS | t.nonnegative_buffers
+                for name, init in t.buffers(group).items():
+                    if codecs.codec_applies(codec, init(meta, dtype), meta) and name not in dict(coded):
+                        coded.append((name, name not in unsigned))
+            cache[signature] = coded
+        return cache[signature]
+
+    def state_templates(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        """What a first step stores under each state key of ``p`` (besides ``step``): meta tensors (shape and dtype)
+        or values. Coded buffers appear as their parts (codes, scales, corrections), whose dtypes are exact."""
+        view = torch.view_as_real(p) if p.is_complex() else p
+        dtype = self._state_dtype(group, p)
+        meta = torch.empty(view.shape, dtype=view.dtype, device="meta")
+        templates: dict[str, Any] = {}
+        for t in self._transforms:
+            for key, init in t.buffers(group).items():
+                templates.setdefault(key, init(meta, dtype))
+        for key, _ in self._coded_buffers(group, view, dtype):
+            templates.update(codecs.part_templates(group["state_codec"], key, tuple(view.shape), "meta"))
+        return templates
 
     def expected_state_keys(self, group: dict[str, Any]) -> set[str]:
         keys = {"step"}
@@ -306,6 +386,12 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 )
             if p.grad.shape != p.shape:
                 raise RuntimeError(f"gradient of {name} has shape {tuple(p.grad.shape)}, parameter {tuple(p.shape)}")
+            if group["state_codec"] != "fp32" and (_is_dtensor(p) or p.grad.is_sparse):
+                kind = "DTensor (FSDP2) parameters" if _is_dtensor(p) else "sparse gradients"
+                raise NotImplementedError(
+                    f"{type(self).__name__}: state_codec={group['state_codec']!r} does not serve {kind} yet "
+                    f"(parameter {name}); use state_codec='fp32'"
+                )
             plan.params.append(p)
             plan.views.append(torch.view_as_real(p) if p.is_complex() else p)
             plan.grads.append(torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad)
@@ -468,6 +554,11 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         hypers.update((name, group[name]) for name in values)
         zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
         args = (self._transforms, plan.views, plan.grads, plan.states, dtypes, plan.opt_args, plan.names)
+        coded = [self._coded_buffers(group, v, d) for v, d in zip(plan.views, dtypes)]
+        step: Callable[..., None] = group_step
+        if any(coded):
+            codec = group["state_codec"]
+            step = functools.partial(coded_group_step, codec, coded) if not group["compiled"] else step
         if group["compiled"]:
             # One fused pass per group: inductor keeps the temporaries in registers, so no chunking.
             device = plan.views[0].device
@@ -478,17 +569,24 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 if isinstance(hypers[name], float):
                     hypers[name] = _as_tensor(hypers[name], device)
             compiled = self.__dict__.setdefault("_compiled_steps", {})
-            key = id(group)
+            key = (id(group), any(coded))
             if key not in compiled:
-                compiled[key] = compiled_group_step()
-            compiled[key](hypers, zero, *args)
+                compiled[key] = compiled_group_step(coded_group_step if any(coded) else group_step)
+            if any(coded):
+                # Decode, update and encode in one compiled function: the decoded state lives in its loops only.
+                compiled[key](group["state_codec"], coded, hypers, zero, *args)
+            else:
+                compiled[key](hypers, zero, *args)
             return
         if any(t.needs_whole_group(group) for t in self._transforms):
-            group_step(hypers, zero, *args)
+            step(hypers, zero, *args)
             return
-        # Eager temporaries are as large as what one call sees: bound them by stepping the group in chunks.
+        # Eager temporaries are as large as what one call sees: bound them by stepping the group in chunks (a coded
+        # state is decoded chunk by chunk too, so no full-precision copy of the whole state exists at once).
         for run in _chunks(plan.sizes or [p.numel() for p in plan.views], group["chunk_numel"]):
-            group_step(
+            if any(coded):
+                step = functools.partial(coded_group_step, group["state_codec"], _take(coded, run))
+            step(
                 hypers,
                 zero,
                 self._transforms,
@@ -618,6 +716,47 @@ def group_step(
         t.after_step(ctx, targets)
 
 
+def coded_group_step(
+    codec: str,
+    coded: list[list[tuple[str, bool]]],
+    group: dict[str, Any],
+    zero: dict[str, Any],
+    transforms: Sequence[Transform],
+    views: TensorList,
+    raw_grads: TensorList,
+    states: list[dict[str, Any]],
+    dtypes: list[torch.dtype],
+    opt_args: list[dict[str, Any] | None],
+    names: list[str],
+) -> None:
+    """:func:`group_step` over decoded copies of the coded state buffers, encoded back into the state after it.
+
+    ``coded[i]`` lists parameter ``i``'s coded keys with whether each is signed. The transforms see plain tensors
+    in the state dtype; an entry they replace (rather than update in place) is stored back as well.
+    """
+    plain: list[dict[str, Any]] = []
+    for state, keys, view, dtype in zip(states, coded, views, dtypes):
+        copy = dict(state)
+        for key, signed in keys:
+            parts = {suffix: state[key + suffix] for suffix in _PART_SUFFIXES if key + suffix in state}
+            copy[key] = codecs.decode(codec, parts, signed, view.shape, dtype)
+            for suffix in _PART_SUFFIXES[1:]:
+                copy.pop(key + suffix, None)
+        plain.append(copy)
+    group_step(group, zero, transforms, views, raw_grads, plain, dtypes, opt_args, names)
+    for state, copy, keys in zip(states, plain, coded):
+        signs = dict(keys)
+        for key, value in copy.items():
+            if key in signs:
+                for suffix, part in codecs.encode(codec, value, signs[key]).items():
+                    state[key + suffix].copy_(part)
+            elif state.get(key) is not value:
+                state[key] = value
+
+
+_PART_SUFFIXES = ("", "_scale", "_ecc")
+
+
 def _write_step(
     ctx: GroupStep,
     targets: TensorList,
@@ -658,14 +797,15 @@ SCHEDULED_HYPERS = ("lr", "betas", "momentum", "weight_decay")
 """Hyperparameters that LR schedulers change: 0-d tensors on the fast path, so that changing them never recompiles."""
 
 
-def compiled_group_step() -> Callable[..., None]:
-    """A fresh ``torch.compile``'d :func:`group_step` with a code object of its own.
+def compiled_group_step(function: Callable[..., None] | None = None) -> Callable[..., None]:
+    """A fresh ``torch.compile``'d :func:`group_step` (or ``function``) with a code object of its own.
 
     Dynamo keeps its cache, and its limit of recompilations (8), per code object: one shared compiled function would
     fall back to eager once a few optimizers or groups had compiled. Each param group gets its own copy instead.
     """
-    code = group_step.__code__.replace()
-    fn = types.FunctionType(code, group_step.__globals__, group_step.__name__, group_step.__defaults__)
+    function = function or group_step
+    code = function.__code__.replace()
+    fn = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__)
     return torch.compile(fn, dynamic=False)
 
 

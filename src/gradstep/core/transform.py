@@ -180,6 +180,10 @@ class Transform:
     steps the parameters with sparse gradients apart, per tensor (``foreach=False``), and hands such a transform a
     list of sparse tensors; every transform of the chain must accept them."""
 
+    nonnegative_buffers: ClassVar[frozenset[str]] = frozenset()
+    """State keys (besides the usual second-moment names of :data:`~gradstep.core.codecs.NONNEGATIVE_BUFFERS`) whose
+    values are never negative: a ``state_codec`` codes them with its unsigned map (finer, sign bit saved)."""
+
     group_values: ClassVar[tuple[str, ...]] = ()
     """Keys of the param group that the optimizer updates every step (not hyperparameters: no constructor argument,
     e.g. D-Adaptation's ``d``), read by :meth:`update` like hyperparameters. Floats among them reach the compiled

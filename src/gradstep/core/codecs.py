@@ -1,0 +1,221 @@
+"""State codecs: optimizer state kept in fewer bits than fp32, decoded for the math and encoded after it.
+
+A codec stores one element-wise state buffer (shaped like its parameter) as *parts* under the buffer's own state
+key and, where it needs them, under derived keys:
+
+========== ============================================== ================================= ===============
+codec      ``state[key]``                                 extra part                        bytes / element
+========== ============================================== ================================= ===============
+fp32       the state dtype (today's layout)               none                              4
+bf16       bfloat16, round to nearest even                none                              2
+bf16+ecc   bfloat16, round to nearest even                ``key + "_ecc"``: int8, the error 3
+                                                          in units of half a bf16 ULP / 127
+int8       uint8 codes into a 256-entry map, like the     ``key + "_scale"``: fp32 absmax   1 + 4/256
+           parameter                                      per block of 256
+int4       uint8, two 4-bit codes a byte, flat            ``key + "_scale"``: fp32 absmax   0.5 + 4/128
+                                                          per block of 128
+fp8        float8_e4m3fn, like the parameter              ``key + "_scale"``: fp32 per      1 + 4/256
+                                                          block of 256 (absmax / 448)
+========== ============================================== ================================= ===============
+
+The block-wise schemes are torchao's low-bit optimizer states (``torchao.optim``: OptimState8bit, OptimState4bit,
+OptimStateFp8), reproduced bit for bit: a block's values are divided by their absolute maximum (clipped at 1e-12)
+and each is rounded to the nearest entry of a quantization map. int8 uses bitsandbytes' dynamic-tree map (signed
+for first moments, unsigned for second moments); int4 the signed dynamic map with 3 exponent bits for first moments
+and the linear map without zero (lpmm's) for second moments. As torchao and bitsandbytes do, a buffer with fewer
+than :data:`MIN_NUMEL` elements, or (block-wise codecs) not a whole number of blocks, stays in the state dtype;
+blocks never straddle two tensors, so each FSDP2 shard or chunk is coded on its own.
+
+bf16+ecc is heavyball's error-corrected bf16: the bf16 value plus an int8 correction that stores what rounding to
+bf16 lost, in units of ``ULP / 254``; decoding adds it back (about 16 significant bits for 3 bytes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CODECS",
+    "MIN_NUMEL",
+    "NONNEGATIVE_BUFFERS",
+    "BLOCK_SIZES",
+    "codec_applies",
+    "decode",
+    "dequantize_blockwise",
+    "dynamic_map",
+    "encode",
+    "part_templates",
+    "quantization_map",
+    "quantize_blockwise",
+]
+
+HAS_FP8 = hasattr(torch, "float8_e4m3fn")
+CODECS: tuple[str, ...] = ("fp32", "bf16", "bf16+ecc", "int8", "int4") + (("fp8",) if HAS_FP8 else ())
+MIN_NUMEL = 4096
+"""Buffers with fewer elements stay in the state dtype (bitsandbytes' ``min_8bit_size``, torchao's threshold)."""
+BLOCK_SIZES = {"int8": 256, "int4": 128, "fp8": 256}
+
+NONNEGATIVE_BUFFERS = frozenset(
+    {"exp_avg_sq", "max_exp_avg_sq", "exp_inf", "sum", "square_avg", "acc_delta", "exp_avg_var", "max_exp_avg_var"}
+)
+"""State keys that hold non-negative values (second moments): the unsigned quantization maps serve them. A transform
+declares others with :attr:`~gradstep.core.transform.Transform.nonnegative_buffers`."""
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> list[float]:
+    """bitsandbytes' dynamic-tree quantization map (``create_dynamic_map``), as torchao builds it (no zero padding).
+
+    Each exponent ``i`` (a power of ten from ``10**-(max_exponent_bits - 1)`` to 1) gets the midpoints of a linear
+    split of [0.1, 1] into more and more fractions; the map is completed with 0 and 1 and sorted.
+    """
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        shift = i + non_sign_bits - max_exponent_bits
+        fraction_items = int(2**shift + 1 if signed else 2 ** (shift + 1) + 1)
+        boundaries = torch.linspace(0.1, 1, fraction_items)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+    data += [0.0, 1.0]
+    if len(data) != 2**total_bits:
+        raise ValueError(f"a dynamic map of {total_bits} bits needs {2**total_bits} entries, got {len(data)}")
+    return sorted(data)
+
+
+def _map_values_of(codec: str, signed: bool) -> tuple[float, ...]:
+    if codec == "int8":
+        return tuple(dynamic_map(signed))
+    if signed:
+        return tuple(dynamic_map(True, 3, 4))
+    return tuple(torch.linspace(0, 1, 17)[1:].tolist())  # lpmm's linear map without zero
+
+
+# Built once at import (compiled code then reads constants instead of tracing the construction).
+_MAPS = {(codec, signed): _map_values_of(codec, signed) for codec in ("int8", "int4") for signed in (True, False)}
+
+
+def _map_values(codec: str, signed: bool) -> tuple[float, ...]:
+    return _MAPS[(codec, signed)]
+
+
+def quantization_map(codec: str, signed: bool, device: Any = "cpu") -> Tensor:
+    """The float32 map of ``"int8"`` (256 entries) or ``"int4"`` (16 entries), signed or unsigned."""
+    return torch.tensor(_map_values(codec, signed), dtype=torch.float32, device=device)
+
+
+def quantize_blockwise(x: Tensor, qmap: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Codes (uint8, one per element, shaped like ``x``) and per-block scales (float32) of ``x``.
+
+    torchao's rounding: the code below (the largest map entry <= the scaled value) moves up when the value is at
+    least half-way to the next entry.
+    """
+    blocks = x.reshape(-1, block_size).float()
+    scale = blocks.abs().amax(-1).clip(1e-12)
+    scaled = (blocks / scale.view(-1, 1)).reshape(-1)
+    n = qmap.numel()
+    below = (torch.searchsorted(qmap, scaled, right=True) - 1).clamp(0, n - 1)
+    above = (below + 1).clamp(max=n - 1)
+    low, high = qmap[below], qmap[above]
+    codes = torch.where(scaled - low >= (high - low) * 0.5, above, below)
+    return codes.to(torch.uint8).reshape(x.shape), scale
+
+
+def dequantize_blockwise(codes: Tensor, qmap: Tensor, scale: Tensor) -> Tensor:
+    """float32 values of ``codes`` (uint8 indices into ``qmap``) scaled per block."""
+    values = qmap[codes.int()].reshape(scale.shape[0], -1) * scale.view(-1, 1)
+    return values.reshape(codes.shape)
+
+
+def _log_half_ulp(x: Tensor) -> Tensor:
+    """log2 of half the spacing of bf16 numbers at ``x`` (heavyball's ``_log_ulp(x) - 1``), as float32."""
+    exponent = (x.view(torch.int16).to(torch.int32) & 0x7FFF) >> 7
+    return (torch.where(exponent == 0, torch.full_like(exponent, 1 - 127 - 7), exponent - (127 + 7)) - 1).float()
+
+
+def _times_exp2(x: Tensor, log_scale: Tensor) -> Tensor:
+    half = (log_scale / 2.0).floor()  # two factors: 2**log_scale alone may overflow float32
+    return (x * torch.exp2(half)) * torch.exp2(log_scale - half)
+
+
+def codec_applies(codec: str, template: Any, view: Tensor) -> bool:
+    """Whether ``codec`` codes a buffer like ``template`` (its first-step value) of a parameter like ``view``."""
+    if codec == "fp32" or not isinstance(template, Tensor) or not template.is_floating_point():
+        return False
+    if tuple(template.shape) != tuple(view.shape) or template.numel() < MIN_NUMEL:
+        return False
+    block = BLOCK_SIZES.get(codec)
+    return block is None or template.numel() % block == 0
+
+
+def part_templates(codec: str, key: str, shape: tuple[int, ...], device: Any) -> dict[str, Tensor]:
+    """Empty tensors of the dtype and shape of each stored part of a coded buffer (for checks and creation)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    meta = {"device": device}
+    if codec == "bf16":
+        return {key: torch.empty(shape, dtype=torch.bfloat16, **meta)}
+    if codec == "bf16+ecc":
+        return {
+            key: torch.empty(shape, dtype=torch.bfloat16, **meta),
+            key + "_ecc": torch.empty(shape, dtype=torch.int8, **meta),
+        }
+    scale = torch.empty(numel // BLOCK_SIZES[codec], dtype=torch.float32, **meta)
+    if codec == "int8":
+        return {key: torch.empty(shape, dtype=torch.uint8, **meta), key + "_scale": scale}
+    if codec == "int4":
+        return {key: torch.empty(numel // 2, dtype=torch.uint8, **meta), key + "_scale": scale}
+    return {key: torch.empty(shape, dtype=torch.float8_e4m3fn, **meta), key + "_scale": scale}
+
+
+def encode(codec: str, x: Tensor, signed: bool) -> dict[str, Tensor]:
+    """The stored parts of the float values ``x`` (see the module table); keys relative to the buffer's key."""
+    if codec == "bf16":
+        return {"": x.to(torch.bfloat16)}
+    if codec == "bf16+ecc":
+        wide = x.float()
+        narrow = wide.to(torch.bfloat16)
+        # bf16 -> fp32 through the bits, so that compiled code cannot fold the round trip into an identity.
+        back = (narrow.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+        error = _times_exp2(wide - back, -_log_half_ulp(narrow))
+        return {"": narrow, "_ecc": torch.round(error.clamp(-1.0, 1.0) * 127.0).to(torch.int8)}
+    block = BLOCK_SIZES[codec]
+    if codec == "fp8":
+        blocks = x.reshape(-1, block).float()
+        scale = blocks.abs().amax(-1).clip(1e-12) / torch.finfo(torch.float8_e4m3fn).max
+        codes = (blocks / scale.view(-1, 1)).to(torch.float8_e4m3fn)
+        return {"": codes.reshape(x.shape), "_scale": scale}
+    codes, scale = quantize_blockwise(x, quantization_map(codec, signed, x.device), block)
+    if codec == "int4":
+        flat = codes.reshape(-1)
+        codes = (flat[::2] << 4) | flat[1::2]  # torchao's packing: the even element in the high nibble
+    return {"": codes, "_scale": scale}
+
+
+def decode(codec: str, parts: dict[str, Tensor], signed: bool, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """The values held by the stored ``parts`` (keys relative to the buffer's key), in ``dtype``."""
+    codes = parts[""]
+    if codec == "bf16":
+        return codes.to(dtype)
+    if codec == "bf16+ecc":
+        correction = _times_exp2(parts["_ecc"].float() / 127.0, _log_half_ulp(codes))
+        return (codes.float() + correction).to(dtype)
+    scale = parts["_scale"]
+    if codec == "fp8":
+        return (codes.float().reshape(scale.shape[0], -1) * scale.view(-1, 1)).reshape(shape).to(dtype)
+    if codec == "int4":
+        codes = torch.stack([codes >> 4, codes & 0b1111], dim=-1).reshape(-1)
+    qmap = quantization_map(codec, signed, codes.device)
+    return dequantize_blockwise(codes, qmap, scale).reshape(shape).to(dtype)

@@ -1,0 +1,329 @@
+"""State codecs (``state_codec=``): the quantizers against torchao and bitsandbytes, every element-wise optimizer with
+every codec, state size, checkpoints and refusals."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+import gradstep
+from gradstep.core import codecs, registry
+from gradstep.core.optimizer import ChainedOptimizer
+
+CODECS = [c for c in codecs.CODECS if c != "fp32"]
+ELEMENTWISE = [e for e in registry.entries() if e.sharding == "elementwise"]
+SHAPE = (64, 128)  # 8192 elements: coded by every codec (>= 4096, whole blocks)
+
+
+def _values(seed: int = 0) -> torch.Tensor:
+    """Values over six decades, as optimizer moments are."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g)
+    return x * torch.logspace(-6, 0, x.numel())[torch.randperm(x.numel(), generator=g)].reshape(SHAPE)
+
+
+# --- the quantizers against torchao (bit for bit) -------------------------------------------------------------------
+@pytest.mark.parametrize("codec", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantizers_match_torchao(codec: str, signed: bool) -> None:
+    pytest.importorskip("torchao")
+    from torchao.optim import subclass_4bit, subclass_8bit, subclass_fp8
+
+    x = _values() if signed else _values().abs()
+    if codec == "int8":
+        ref = subclass_8bit.OptimState8bit.zeros(x.shape, signed, 256)
+        assert codecs.quantization_map("int8", signed).tolist() == list(
+            subclass_8bit.get_qmap_signed() if signed else subclass_8bit.get_qmap_unsigned()
+        )
+    elif codec == "int4":
+        ref = subclass_4bit.OptimState4bit.zeros(x.shape, signed, 128)
+        assert codecs.quantization_map("int4", signed).tolist() == list(
+            subclass_4bit.get_qmap_signed() if signed else subclass_4bit.get_qmap_unsigned()
+        )
+    else:
+        ref = subclass_fp8.OptimStateFp8.zeros(x.shape, 256)
+    ref.copy_(x)
+    parts = codecs.encode(codec, x, signed)
+    assert torch.equal(parts[""], ref.codes)
+    assert torch.equal(parts["_scale"], ref.scale)
+    assert torch.equal(codecs.decode(codec, parts, signed, x.shape, torch.float32), ref.dequantize())
+
+
+@pytest.mark.parametrize(("codec", "name"), [("int8", "AdamW8bit"), ("int4", "AdamW4bit"), ("fp8", "AdamWFp8")])
+def test_adamw_steps_match_torchao(codec: str, name: str) -> None:
+    """One step from zero state: the same codes, scales and parameters (to float32 rounding) as torchao's AdamW."""
+    torchao_optim = pytest.importorskip("torchao.optim")
+    torch.manual_seed(0)
+    p0 = torch.randn(SHAPE)
+    ours, theirs = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    hypers = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    opt = gradstep.AdamW([ours], state_codec=codec, **hypers)
+    ref = getattr(torchao_optim, name)([theirs], **hypers)
+    grad = torch.randn(SHAPE)
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    opt.step()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "compile", lambda fn, **_: fn)  # torchao compiles its step: run it eagerly, same math
+        ref.step()
+    # torchao forms the second moment as (1 - beta2) * g.square() (a lerp from zero), gradstep's Adam as an addcmul:
+    # the moments can differ by a float32 rounding, so scales by an ULP and a rare code by one step.
+    for key in ("exp_avg", "exp_avg_sq"):
+        theirs_state = ref.state[theirs][key]
+        scale = opt.state[ours][key + "_scale"]
+        assert ((scale - theirs_state.scale).abs() <= 2 * torch.finfo(torch.float32).eps * scale).all(), key
+        codes, their_codes = opt.state[ours][key], theirs_state.codes
+        if codec == "fp8":
+            codes, their_codes = codes.float(), their_codes.float()
+            assert ((codes - their_codes).abs() <= 0.125 * codes.abs()).all(), key
+        else:
+            steps = (codes.int() - their_codes.int()).abs()
+            assert steps.max().item() <= (1 if codec == "int8" else 17) and (steps > 0).float().mean() <= 1e-3, key
+    # |p| < 4 and a step of at most ~lr: a few float32 roundings of the parameter.
+    assert (ours - theirs).abs().max().item() <= 8 * torch.finfo(torch.float32).eps * 4
+
+
+# --- bitsandbytes: its documented blockwise quantizer and its 8-bit AdamW ----------------------------------------
+def _bnb():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pytest.importorskip("bitsandbytes")
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_matches_bitsandbytes_dynamic_map(signed: bool) -> None:
+    """bitsandbytes' dynamic map exactly; its reference (pure torch) blockwise quantizer rounds to the nearest map
+    entry by midpoints of ``x * (1 / absmax)``: ours (torchao's ``x / absmax``) differs only where the scaled value
+    lies within float32 rounding of a midpoint."""
+    _bnb()
+    import bitsandbytes.functional as F
+
+    qmap = F.create_dynamic_map(signed=signed)
+    assert torch.equal(qmap, codecs.quantization_map("int8", signed))
+    x = _values(1) if signed else _values(1).abs()
+    theirs, absmax = _bnb_reference_quantize(x, qmap, 256)
+    parts = codecs.encode("int8", x, signed)
+    assert torch.equal(parts["_scale"], absmax)
+    scaled = (x.reshape(-1, 256) / absmax.view(-1, 1)).reshape(-1).double()
+    mids = ((qmap[:-1] + qmap[1:]) / 2).double()
+    differ = (parts[""].reshape(-1) != theirs.reshape(-1)).nonzero().flatten()
+    if differ.numel():
+        distance = (scaled[differ, None] - mids[None, :]).abs().amin(1)
+        assert distance.max().item() <= 2 * torch.finfo(torch.float32).eps
+    assert differ.numel() <= x.numel() // 1000
+
+
+def _bnb_reference_quantize(x: torch.Tensor, qmap: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes 0.50's default-backend quantize_blockwise (backends/default/ops.py), for whole blocks."""
+    blocks = x.reshape(-1, block).float()
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    bounds = (qmap[:-1] + qmap[1:]) / 2
+    return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8).reshape(x.shape), absmax
+
+
+def test_adamw_step_close_to_bitsandbytes_adamw8bit() -> None:
+    """bitsandbytes' AdamW8bit runs on this CPU: one step from zero state gives the same parameters (to float32
+    rounding) and scales; its CPU kernel searches the map approximately (a few codes land on a neighbouring entry,
+    within 2% of the block's absmax), where ours takes the nearest entry."""
+    bnb = _bnb()
+    torch.manual_seed(1)
+    p0 = torch.randn(SHAPE)
+    ours, theirs = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    opt = gradstep.AdamW([ours], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0, state_codec="int8")
+    ref = bnb.optim.AdamW8bit([theirs], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0)
+    grad = torch.randn(SHAPE)
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    opt.step()
+    ref.step()
+    state = ref.state[theirs]
+    moments = {"exp_avg": ("state1", "absmax1", 0.1 * grad), "exp_avg_sq": ("state2", "absmax2", 0.01 * grad**2)}
+    for key, (codes, absmax, exact) in moments.items():
+        signed = key == "exp_avg"
+        scale = opt.state[ours][key + "_scale"]
+        assert torch.equal(scale, state[absmax])
+        qmap = codecs.quantization_map("int8", signed)
+        mine = codecs.dequantize_blockwise(opt.state[ours][key], qmap, scale)
+        their = codecs.dequantize_blockwise(state[codes], qmap, state[absmax])
+        assert (opt.state[ours][key] != state[codes]).float().mean() < 0.05
+        assert ((mine - their).abs().reshape(-1, 256).amax(1) <= 0.02 * scale).all()
+        assert (mine - exact).abs().sum() <= (their - exact).abs().sum()  # nearest entry: never a larger error
+    assert (ours - theirs).abs().max().item() <= 8 * torch.finfo(torch.float32).eps * 4
+
+
+# --- bf16+ecc ---------------------------------------------------------------------------------------------------------
+def test_bf16_ecc_error_bound() -> None:
+    """heavyball's error correction: the int8 term stores the bf16 rounding error to 1/254 of a bf16 ULP."""
+    x = _values(2)
+    parts = codecs.encode("bf16+ecc", x, True)
+    back = codecs.decode("bf16+ecc", parts, True, x.shape, torch.float32)
+    plain = x.to(torch.bfloat16).float()
+    ulp = torch.finfo(torch.bfloat16).eps * x.abs()
+    assert ((back - x).abs() <= ulp / 254 * 1.01 + 1e-30).all()
+    assert (back - x).abs().mean() < (plain - x).abs().mean() / 50
+
+
+# --- every element-wise optimizer with every codec --------------------------------------------------------------------
+BOUNDS = {"bf16+ecc": 2e-3, "bf16": 3e-2, "fp8": 0.15, "int8": 0.1, "int4": 0.35}
+"""Relative difference of the parameters' movement from fp32 state after a few steps."""
+
+
+def _run(
+    entry: registry.Entry, codec: str, steps: int = 4, **extra: object
+) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(SHAPE)), torch.nn.Parameter(torch.randn(7))]
+    opt = entry(params, **{**entry.example, **extra, "state_codec": codec})
+    for t in range(steps):
+        for p in params:
+            p.grad = torch.sin(3 * p.detach() + t) + 0.3 * p.detach()
+        opt.step()
+    return [p.detach().clone() for p in params], opt
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("entry", ELEMENTWISE, ids=lambda e: e.name)
+def test_every_elementwise_optimizer_accepts_every_codec(entry: registry.Entry, codec: str) -> None:
+    if "state_codec" not in entry.hyperparameters():
+        pytest.skip(f"{entry.name} takes no state_codec")
+    probe = entry([torch.nn.Parameter(torch.zeros(3))], **entry.example)
+    if _refused(probe):
+        with pytest.raises(ValueError, match="state_codec"):
+            entry([torch.nn.Parameter(torch.zeros(3))], **{**entry.example, "state_codec": codec})
+        return
+    torch.manual_seed(0)
+    start = torch.randn(SHAPE)
+    exact, _ = _run(entry, "fp32")
+    coded, opt = _run(entry, codec)
+    assert all(torch.isfinite(p).all() for p in coded)
+    moved = (exact[0] - start).norm()
+    if moved > 0:
+        assert ((coded[0] - exact[0]).norm() / moved).item() <= BOUNDS[codec]
+    big = opt.param_groups[0]["params"][0]
+    stored = {k: v for k, v in opt.state[big].items() if k != "step" and isinstance(v, torch.Tensor)}
+    if codec in ("int8", "int4", "fp8", "bf16+ecc") and isinstance(opt, ChainedOptimizer):
+        # (wrappers such as Lookahead keep their own slow weights in full precision; their inner optimizer codes)
+        assert not any(v.dtype == torch.float32 and v.shape == big.shape for v in stored.values()), stored.keys()
+
+
+def _refused(opt: torch.optim.Optimizer) -> bool:
+    """Optimizers that read their state outside the chain (schedule-free's train/eval switch, model-wide estimates)
+    or step sparse gradients only: they refuse every codec but fp32."""
+    inner = getattr(opt, "optimizer", opt)
+    if not isinstance(inner, ChainedOptimizer):
+        return False
+    return type(inner)._prepare_step is not ChainedOptimizer._prepare_step or inner._sparse_gradients() == "required"
+
+
+BYTES = {"int8": 2.1, "int4": 1.1, "bf16+ecc": 6.0, "bf16": 4.0, "fp8": 2.1}
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_adamw_state_bytes_per_parameter(codec: str) -> None:
+    _, opt = _run(registry.get("adamw"), codec, steps=1)
+    big = opt.param_groups[0]["params"][0]
+    size = sum(v.numel() * v.element_size() for k, v in opt.state[big].items() if k != "step")
+    assert size / big.numel() <= BYTES[codec]
+    small = opt.param_groups[0]["params"][1]  # below the threshold: fp32 as today
+    assert opt.state[small]["exp_avg"].dtype == torch.float32 and "exp_avg_scale" not in opt.state[small]
+
+
+def test_chunked_eager_path_matches_whole_group() -> None:
+    whole, a = _run(registry.get("adamw"), "int8", chunk_numel=0)
+    chunked, b = _run(registry.get("adamw"), "int8", chunk_numel=1000)
+    assert all(torch.equal(x, y) for x, y in zip(whole, chunked))
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("codec", CODECS)
+def test_coded_state_round_trips_weights_only(codec: str) -> None:
+    _, opt = _run(registry.get("adamw"), codec, steps=2)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in opt.param_groups[0]["params"]]
+    other = gradstep.AdamW(params, state_codec=codec)
+    other.load_state_dict(saved)
+    for p, q in zip(opt.param_groups[0]["params"], params):
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, other.state[q][key]), key
+    for p, q in zip(opt.param_groups[0]["params"], params):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    opt.step()
+    other.step()
+    assert all(torch.equal(p, q) for p, q in zip(opt.param_groups[0]["params"], params))
+
+
+@pytest.mark.parametrize(
+    ("key", "corrupt", "message"),
+    [
+        ("exp_avg", lambda v: v.float(), "exp_avg has dtype torch.float32"),
+        ("exp_avg_scale", lambda v: v[:-1], "exp_avg_scale has shape"),
+        ("exp_avg_sq", lambda v: v.to(torch.int8), "exp_avg_sq has dtype torch.int8"),
+    ],
+)
+def test_corrupt_coded_state_refused(key: str, corrupt, message: str) -> None:
+    _, opt = _run(registry.get("adamw"), "int8", steps=1)
+    sd = opt.state_dict()
+    sd["state"][0][key] = corrupt(sd["state"][0][key])
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=f"param_groups\\[0\\]\\['params'\\]\\[0\\].*{message}"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert all(torch.equal(before["state"][0][k], after["state"][0][k]) for k in before["state"][0])
+
+
+def test_state_saved_with_another_codec_refused() -> None:
+    _, opt = _run(registry.get("adamw"), "fp32", steps=1)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in opt.param_groups[0]["params"]]
+    other = gradstep.AdamW(params, state_codec="int8")
+    sd = opt.state_dict()
+    sd["param_groups"][0]["state_codec"] = "int8"
+    with pytest.raises(ValueError, match="lacks exp_avg_scale"):
+        other.load_state_dict(sd)
+
+
+# --- refusals ---------------------------------------------------------------------------------------------------------
+def test_unknown_codec_refused() -> None:
+    with pytest.raises(ValueError, match="state_codec"):
+        gradstep.AdamW([torch.nn.Parameter(torch.zeros(3))], state_codec="int3")
+
+
+def test_codec_refused_for_complex_parameters() -> None:
+    z = torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="state_codec='int8'.*complex64"):
+        gradstep.AdamW([z], state_codec="int8")
+
+
+def test_codec_refused_for_a_buffer_that_is_not_elementwise() -> None:
+    """Adafactor's factored second moment (a row and a column vector) cannot be coded element by element."""
+    w = torch.nn.Parameter(torch.zeros(64, 128))
+    opt = registry.get("adafactor")([w], lr=1e-3)
+    with pytest.raises(ValueError, match="state_codec='int8' cannot store .* of parameter"):
+        registry.get("adafactor")([w], lr=1e-3, state_codec="int8")
+    with pytest.raises(ValueError, match="state_codec"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(8, 8))], "state_codec": "int8"})
+    assert len(opt.param_groups) == 1
+
+
+def test_codec_refused_for_whole_model_optimizers() -> None:
+    with pytest.raises(ValueError, match="state_codec must be 'fp32'"):
+        registry.get("prodigy")([torch.nn.Parameter(torch.zeros(3))], state_codec="int8")
+
+
+@pytest.mark.parametrize("codec", ["int8", "bf16+ecc"])
+def test_compiled_path_decodes_and_encodes_inside(codec: str) -> None:
+    """compiled=True runs decode, update and encode in one compiled function: the same state as the eager path, to
+    the rounding that fused float32 arithmetic may change (a code moves by at most one step)."""
+    eager, a = _run(registry.get("adamw"), codec, steps=3)
+    compiled, b = _run(registry.get("adamw"), codec, steps=3, compiled=True)
+    assert ((eager[0] - compiled[0]).abs() <= 1e-5).all()
+    big_a, big_b = a.param_groups[0]["params"][0], b.param_groups[0]["params"][0]
+    assert a.state[big_a]["exp_avg"].dtype == b.state[big_b]["exp_avg"].dtype
+    if codec == "int8":
+        assert (a.state[big_a]["exp_avg"].int() - b.state[big_b]["exp_avg"].int()).abs().max() <= 1
