@@ -11,6 +11,7 @@ library never imports. ``transforms`` is the public namespace of the shared tran
 """
 
 from . import _moved, paramtransform, transforms, wrappers
+from .core.codecs import convert_state_codec
 from .core.groups import mark_norm_params, param_groups
 from .core.hypers import REQUIRED, Hyper
 from .core.nonfinite import NonFiniteError, NonFiniteEvent, NonFiniteTracer
@@ -181,6 +182,7 @@ __all__ = [
     "available",
     "chain",
     "clip_gradients",
+    "convert_state_codec",
     "create",
     "create_optimizer",
     "derivative_free",

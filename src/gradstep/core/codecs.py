@@ -32,6 +32,7 @@ bf16 lost, in units of ``ULP / 254``; decoding adds it back (about 16 significan
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -42,7 +43,9 @@ __all__ = [
     "MIN_NUMEL",
     "NONNEGATIVE_BUFFERS",
     "BLOCK_SIZES",
+    "PART_SUFFIXES",
     "codec_applies",
+    "convert_state_codec",
     "decode",
     "dequantize_blockwise",
     "dynamic_map",
@@ -219,3 +222,63 @@ def decode(codec: str, parts: dict[str, Tensor], signed: bool, shape: torch.Size
         codes = torch.stack([codes >> 4, codes & 0b1111], dim=-1).reshape(-1)
     qmap = quantization_map(codec, signed, codes.device)
     return dequantize_blockwise(codes, qmap, scale).reshape(shape).to(dtype)
+
+
+PART_SUFFIXES = ("", "_scale", "_ecc")
+"""Suffixes of the state keys of a coded buffer's parts (the codes under the buffer's own key)."""
+
+
+def convert_state_codec(optimizer: Any, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``state_dict`` with its state re-coded to the ``state_codec`` of each of ``optimizer``'s groups.
+
+    ``state_dict`` was saved by an optimizer of the same class and parameters with any codec (the one its groups
+    name; ``"fp32"`` when they name none). Loading a checkpoint into an optimizer with another codec refuses the
+    mismatched parts; this conversion is the explicit step between the two::
+
+        opt = gradstep.AdamW(model.parameters(), state_codec="int8")
+        opt.load_state_dict(gradstep.convert_state_codec(opt, torch.load("fp32-state.pt", weights_only=True)))
+
+    Decoding is exact for fp32 and as exact as the source codec allows otherwise; encoding rounds as a step does.
+    A part of the wrong dtype or shape raises ``ValueError`` naming the parameter; ``state_dict`` is not modified.
+    """
+    me = type(optimizer).__name__
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"convert_state_codec: the state_dict has {len(saved_groups)} groups, {me} has "
+            f"{len(optimizer.param_groups)}"
+        )
+    saved_state = state_dict["state"]
+    new_state: dict[Any, Any] = {pid: value for pid, value in saved_state.items()}
+    new_groups = []
+    for gi, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
+        source, target = saved.get("state_codec", "fp32"), group["state_codec"]
+        if source not in CODECS:
+            raise ValueError(f"convert_state_codec: param group {gi} names state_codec {source!r}, not a codec")
+        new_groups.append({**saved, "state_codec": target})
+        names = group.get("param_names")
+        for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+            pstate = saved_state.get(pid)
+            if not pstate:
+                continue
+            name = names[i] if names else f"param_groups[{gi}]['params'][{i}]"
+            view = torch.view_as_real(p) if p.is_complex() else p
+            dtype = optimizer._state_dtype(group, p)
+            decoded = dict(pstate)
+            for key, signed in optimizer._coded_buffers({**group, "state_codec": source}, view, dtype):
+                parts = {}
+                for part_key, template in part_templates(source, key, tuple(view.shape), "meta").items():
+                    value = pstate.get(part_key)
+                    if not isinstance(value, Tensor) or value.dtype != template.dtype or value.shape != template.shape:
+                        raise ValueError(
+                            f"convert_state_codec: {part_key} of {name} is not a {template.dtype} tensor of shape "
+                            f"{tuple(template.shape)} (state_codec={source!r})"
+                        )
+                    parts[part_key[len(key) :]] = value.to(p.device)
+                    decoded.pop(part_key)
+                decoded[key] = decode(source, parts, signed, view.shape, dtype)
+            for key, signed in optimizer._coded_buffers(group, view, dtype):
+                value = decoded.pop(key)
+                decoded.update((key + suffix, part) for suffix, part in encode(target, value.to(dtype), signed).items())
+            new_state[pid] = decoded
+    return {**state_dict, "state": new_state, "param_groups": new_groups}

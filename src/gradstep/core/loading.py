@@ -194,9 +194,11 @@ def _validated_param_state(
     templates = opt.state_templates(group, p)
     expected = opt.expected_state_keys(group) | set(templates)
     extra = sorted(map(str, set(pstate) - expected))
+    coded = group.get("state_codec", "fp32") != "fp32" or any(str(k).endswith(("_scale", "_ecc")) for k in pstate)
+    hint = " (a checkpoint saved with another state_codec converts with gradstep.convert_state_codec)" if coded else ""
     if extra:
         raise ValueError(
-            f"{where} has {', '.join(extra)}, which {me} does not keep (was it saved by another optimizer?)"
+            f"{where} has {', '.join(extra)}, which {me} does not keep (was it saved by another optimizer?){hint}"
         )
     new: dict[str, Any] = {}
     if not pstate:
@@ -207,7 +209,7 @@ def _validated_param_state(
         missing = []
         new["step"] = torch.tensor(1.0, dtype=STEP_DTYPE, device=p.device)
     if missing:
-        raise ValueError(f"{where} lacks {', '.join(missing)} (a state buffer {me} needs)")
+        raise ValueError(f"{where} lacks {', '.join(missing)} (a state buffer {me} needs){hint}")
     for key, value in pstate.items():
         if key == "step":
             count = step_value(value)
@@ -215,7 +217,10 @@ def _validated_param_state(
                 raise ValueError(f"{where}: step is {_describe(value)} (a whole number >= 0)")
             new["step"] = torch.tensor(count, dtype=STEP_DTYPE, device=p.device)
             continue
-        new[key] = _checked_buffer(where, key, value, templates.get(key), p)
+        try:
+            new[key] = _checked_buffer(where, key, value, templates.get(key), p)
+        except ValueError as exc:
+            raise ValueError(f"{exc}{hint}") from None
     if group.get("state_codec", "fp32") != "fp32":
         # Coded parts are read bit by bit: a part of another dtype would decode to garbage, not to a cast value.
         for key, template in templates.items():

@@ -738,9 +738,9 @@ def coded_group_step(
     for state, keys, view, dtype in zip(states, coded, views, dtypes):
         copy = dict(state)
         for key, signed in keys:
-            parts = {suffix: state[key + suffix] for suffix in _PART_SUFFIXES if key + suffix in state}
+            parts = {suffix: state[key + suffix] for suffix in codecs.PART_SUFFIXES if key + suffix in state}
             copy[key] = codecs.decode(codec, parts, signed, view.shape, dtype)
-            for suffix in _PART_SUFFIXES[1:]:
+            for suffix in codecs.PART_SUFFIXES[1:]:
                 copy.pop(key + suffix, None)
         plain.append(copy)
     group_step(group, zero, transforms, views, raw_grads, plain, dtypes, opt_args, names)
@@ -752,9 +752,6 @@ def coded_group_step(
                     state[key + suffix].copy_(part)
             elif state.get(key) is not value:
                 state[key] = value
-
-
-_PART_SUFFIXES = ("", "_scale", "_ecc")
 
 
 def _write_step(
