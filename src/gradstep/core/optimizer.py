@@ -36,7 +36,7 @@ from .loading import STEP_DTYPE, validated_load
 from .nonfinite import POLICIES, NonFiniteError, finite_flags, first_nonfinite, rank_note
 from .ops import FOREACH, PER_TENSOR, Coef, Direction, Quotient, TensorList, evaluate, is_number
 from .reductions import sharded_as
-from .transform import GroupStep, Transform, coef_is_zero, coef_mul
+from .transform import GroupStep, Transform, coef_is_zero, coef_mul, zeros
 
 __all__ = ["CORE_HYPERS", "ChainedOptimizer", "OPT_ARGS_KEYS", "chain"]
 
@@ -71,6 +71,13 @@ CORE_HYPERS: tuple[Hyper, ...] = (
     Hyper("clip_step", 0.0, non_negative, "clamp each element of the final step to [-clip_step, clip_step] (0: off)"),
     Hyper("backoff_steps", 0, non_negative_int, "the first N steps update the state but not the parameters"),
     Hyper("stochastic_rounding", False, boolean, "round bfloat16 parameter writes stochastically"),
+    Hyper(
+        "kahan_summation",
+        False,
+        boolean,
+        "bfloat16/float16 parameters keep a compensation buffer of their dtype that carries what rounding the "
+        "write lost into the next step (torch-optimi's kahan_sum)",
+    ),
     Hyper(
         "state_codec",
         "fp32",
@@ -315,6 +322,9 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                     if name in coded:
                         parts = codecs.encode(group["state_codec"], state[name], coded[name])
                         state.update((name + suffix, part) for suffix, part in parts.items())
+        if group["kahan_summation"] and _compensated(p) and "kahan_comp" not in state:
+            # In the parameter's own dtype, as torch-optimi keeps it: it holds less than one ULP of the parameter.
+            state["kahan_comp"] = _init_sharded(zeros, view, p.dtype) if _is_dtensor(view) else zeros(view, p.dtype)
 
     def _coded_buffers(self, group: dict[str, Any], view: Tensor, dtype: torch.dtype) -> list[tuple[str, bool]]:
         """The state keys of a parameter that ``state_codec`` stores coded, each with whether it may be negative.
@@ -349,6 +359,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 templates.setdefault(key, init(meta, dtype))
         for key, _ in self._coded_buffers(group, view, dtype):
             templates.update(codecs.part_templates(group["state_codec"], key, tuple(view.shape), "meta"))
+        if group.get("kahan_summation") and _compensated(p):
+            templates["kahan_comp"] = torch.empty(view.shape, dtype=p.dtype, device="meta")
         return templates
 
     def expected_state_keys(self, group: dict[str, Any]) -> set[str]:
@@ -412,6 +424,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             "clip_step": group["clip_step"] > 0,
             "nonfinite='zero'": group["nonfinite"] == "zero",
             "complex parameters": p.is_complex(),
+            "kahan_summation": bool(group["kahan_summation"]) and _compensated(p),
         }
         for option, used in refused.items():
             if used:
@@ -464,8 +477,9 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
     def _update_group(self, plan: _Plan) -> None:
         group = plan.group
         expected = self.expected_state_keys(group)
+        kahan = group["kahan_summation"]
         for p, state in zip(plan.params, plan.states):
-            if not expected.issubset(state):
+            if not expected.issubset(state) or (kahan and "kahan_comp" not in state and _compensated(p)):
                 self._init_param_state(group, p, state)
         if any(g.is_sparse for g in plan.grads):
             plan = self._update_sparse(plan)
@@ -685,6 +699,7 @@ def group_step(
         group["clip_step"] == 0
         and group["nonfinite"] not in ("zero", "revert")
         and not group["stochastic_rounding"]
+        and not group["kahan_summation"]
         and all(t.dtype == d for t, d in zip(targets, dtypes))
     )
     if direct:
@@ -782,12 +797,42 @@ def _write_step(
         ops.mul_(new, _reciprocal_one_plus(lr_wd))
     if group["nonfinite"] in ("zero", "revert"):
         new = ops.where(ops.isfinite(new), new, params)
+    if group["kahan_summation"]:
+        kept = [i for i, t in enumerate(targets) if _compensated(t)]
+        if kept:
+            # The increment itself (not new - p: that difference would already be rounded at p's scale).
+            increment = ops.sub(new, params) if lr_wd is not None and mode == "proximal" else ops.neg(delta)
+            if group["nonfinite"] in ("zero", "revert"):
+                increment = ops.where(ops.isfinite(increment), increment, 0.0)
+            _kahan_write(
+                [targets[i] for i in kept], [ctx.states[i]["kahan_comp"] for i in kept], [increment[i] for i in kept]
+            )
+            rest = [i for i in range(len(targets)) if i not in set(kept)]
+            targets, new = [targets[i] for i in rest], [new[i] for i in rest]
     if defer_rounding:
         return new
     if group["stochastic_rounding"]:
         new = [_stochastic_round_to_bf16(n) if t.dtype == torch.bfloat16 else n for n, t in zip(new, targets)]
     ops.copy_(targets, new)
     return None
+
+
+def _compensated(p: Tensor) -> bool:
+    return p.dtype in (torch.bfloat16, torch.float16)
+
+
+def _kahan_write(targets: TensorList, comps: TensorList, increments: TensorList) -> None:
+    """Compensated summation of the step into low-precision parameters, as torch-optimi's ``kahan_sum``.
+
+    ``c <- round(c + increment)``; ``p' <- round(p + c)``; ``c <- round(c + (p - p'))``: the compensation keeps the
+    part of the step the parameter's rounding lost, so small updates accumulate instead of vanishing.
+    """
+    wide = [t.float() for t in targets]
+    summed = [(c.float() + d.float()).to(c.dtype).float() for c, d in zip(comps, increments)]
+    written = [(w + s).to(t.dtype) for w, s, t in zip(wide, summed, targets)]
+    for t, c, w, s, n in zip(targets, comps, wide, summed, written):
+        c.copy_(s + (w - n.float()))
+        t.copy_(n)
 
 
 SCHEDULED_HYPERS = ("lr", "betas", "momentum", "weight_decay")
