@@ -46,6 +46,10 @@ class Momentum(Transform):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Invalid nesterov: True (Nesterov momentum requires a momentum and zero dampening)")
 
+    def fused_kernel(self, group: dict[str, Any]) -> Any:
+        # torch's SGD kernel: coupled weight decay, the momentum buffer as torch.optim.SGD keeps it.
+        return _fused_sgd if group["weight_decay_mode"] == "coupled" else None
+
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
         mu, damp = ctx.hyper("momentum"), ctx.hyper("dampening")
         if ctx.is_zero("momentum"):
@@ -64,11 +68,43 @@ class Momentum(Transform):
         return buf
 
 
+def _fused_sgd(group: dict[str, Any], params: TensorList, grads: TensorList, states: list[dict[str, Any]]) -> None:
+    """One step of ``torch.optim.SGD(fused=True)``: the same kernel on the same buffers.
+
+    torch's kernel starts a buffer from the gradient on its first step (``is_first_step``) and reads no step count;
+    gradstep's buffers exist from the start, so parameters on their first step and the others are stepped apart.
+    """
+    momentum = group["momentum"]
+    steps = [s["step"] for s in states]
+    # One read of all the counts (one sync on a GPU), and only where a buffer exists to be started.
+    first = torch.stack(steps).eq(0).tolist() if momentum != 0 else [False] * len(states)
+    torch._foreach_add_(steps, 1)
+    for is_first in (True, False):
+        chosen = [i for i, f in enumerate(first) if f is is_first]
+        if not chosen:
+            continue
+        torch._fused_sgd_(
+            [params[i] for i in chosen],
+            [grads[i] for i in chosen],
+            [states[i]["momentum_buffer"] for i in chosen] if momentum != 0 else [],
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            is_first_step=is_first,
+        )
+
+
 class SqrtStepDecay(Transform):
     r"""GoMLX SGD's step decay: the direction is divided by :math:`\sqrt{t}` when ``sqrt_step_decay`` is on."""
 
     elementwise = True
     hypers = (Hyper("sqrt_step_decay", False, boolean, "divide the step by sqrt(t) (GoMLX SGD)"),)
+
+    def is_identity(self, group: dict[str, Any]) -> bool:
+        return not group["sqrt_step_decay"]
 
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
         if not ctx.hyper("sqrt_step_decay"):

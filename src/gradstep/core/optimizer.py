@@ -30,6 +30,7 @@ from torch import Tensor
 
 from . import codecs
 from .cautious import with_cautious
+from .fused import chain_kernel, group_blockers, param_blockers, run_fused
 from .groups import GroupToolsMixin
 from .hypers import REQUIRED, Hyper, boolean, expand_hypers, non_negative, non_negative_int, one_of, optional_bool
 from .loading import STEP_DTYPE, validated_load
@@ -86,6 +87,13 @@ CORE_HYPERS: tuple[Hyper, ...] = (
         "(see gradstep.core.codecs); decoded for the math, encoded after it",
     ),
     Hyper("compiled", False, boolean, "the fast path: run the group's step as one torch.compile'd function"),
+    Hyper(
+        "fused",
+        None,
+        optional_bool,
+        "torch's fused kernel where the chain is an algorithm torch fuses (None: whenever the options allow it; "
+        "True: required; False: never)",
+    ),
     Hyper(
         "chunk_numel",
         1 << 22,
@@ -231,6 +239,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                     )
                 seen.add(id(p))
                 self._check_param(p)
+            if group["fused"]:
+                self._check_fused(group)
         except (TypeError, ValueError):
             self.param_groups.pop()  # torch appends before our checks; a refused group must not stay
             raise
@@ -282,6 +292,20 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                     f"{type(self).__name__}: parameter {name} of param group {len(self.param_groups)} is already in "
                     f"param group {where[id(p)]}; a parameter may be in one group only"
                 )
+
+    def _check_fused(self, group: dict[str, Any]) -> None:
+        if group["foreach"]:
+            raise ValueError("Invalid fused: True (fused and foreach cannot both be True, as in torch.optim)")
+        blockers = group_blockers(group)
+        if chain_kernel(self._transforms, group) is None:
+            blockers.insert(0, f"torch has no fused kernel for {type(self).__name__} with these options")
+        for p in group["params"]:
+            blockers += [f"parameter {tuple(p.shape)}: {b}" for b in param_blockers(p, self._state_dtype(group, p), None)]
+        if blockers:
+            raise ValueError(
+                f"Invalid fused: True ({'; '.join(blockers)}). compiled=True is the fast path for every optimizer "
+                f"and option; fused=None uses torch's kernel wherever it can."
+            )
 
     def _check_param(self, p: Tensor) -> None:
         if p.is_complex() and not self._supports_complex():
@@ -563,6 +587,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         dtypes = [
             by_dtype.get(p.dtype) or by_dtype.setdefault(p.dtype, self._state_dtype(group, p)) for p in plan.params
         ]
+        if self._fused_step(plan, dtypes):
+            return
         hypers = {name: _zero_dim(group[name]) for name in self.declared_hypers()}
         values = {name for t in self._transforms for name in t.group_values}
         hypers.update((name, group[name]) for name in values)
@@ -611,6 +637,20 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 _take(plan.opt_args, run),
                 _take(plan.names, run),
             )
+
+    def _fused_step(self, plan: _Plan, dtypes: list[torch.dtype]) -> bool:
+        """Step the group with torch's fused kernel where its chain and options allow it (see :mod:`.fused`)."""
+        group = plan.group
+        if group["fused"] is False or group_blockers(group):
+            return False
+        kernel = chain_kernel(self._transforms, group)
+        if kernel is None:
+            return False
+        for view, dtype, args in zip(plan.views, dtypes, plan.opt_args):
+            if param_blockers(view, dtype, args):
+                return False  # e.g. opt_args set after construction: the chain handles every case
+        run_fused(kernel, group, plan.views, plan.grads, plan.states)
+        return True
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

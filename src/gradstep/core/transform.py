@@ -200,6 +200,15 @@ class Transform:
         """State tensors this transform keeps for a parameter of ``group``, by name, with their initialiser."""
         return {}
 
+    def is_identity(self, group: dict[str, Any]) -> bool:
+        """True when, with ``group``'s options, :meth:`update` returns its input unchanged and keeps no state."""
+        return False
+
+    def fused_kernel(self, group: dict[str, Any]) -> Any:
+        """torch's fused kernel that computes this transform, the core's weight decay and the parameter write for
+        ``group``'s options (a :data:`~gradstep.core.fused.FusedKernel`), or ``None`` where there is none."""
+        return None
+
     def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         """The new direction: a list of tensors, or ``ctx.ops.quotient(numerator, denominator)`` for a final division
         the core may fuse into the parameter write."""

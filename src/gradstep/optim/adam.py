@@ -68,6 +68,12 @@ class ScaleByAdam(Transform):
             names["max_exp_avg_sq"] = zeros
         return names
 
+    def fused_kernel(self, group: dict[str, Any]) -> Any:
+        # torch's kernels: the torch epsilon, coupled (Adam) or decoupled (AdamW) weight decay.
+        if group["eps_mode"] != "torch" or group["weight_decay_mode"] not in ("coupled", "decoupled"):
+            return None
+        return _fused_adam
+
     def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops = ctx.ops
         beta1, beta2 = ctx.hyper("betas")
@@ -89,6 +95,29 @@ class ScaleByAdam(Transform):
         eps_term = bc1 * eps if ctx.hyper("eps_mode") == "torch" else bc1 / sqrt_bc2 * eps
         ops.add_(denom, ctx.per_param(eps_term))
         return ops.quotient(exp_avg, denom)
+
+
+def _fused_adam(group: dict[str, Any], params: TensorList, grads: TensorList, states: list[dict[str, Any]]) -> None:
+    """One step of ``torch.optim.Adam``/``AdamW(fused=True)``: the same kernel on the same buffers."""
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, 1)
+    kernel = torch._fused_adamw_ if group["weight_decay_mode"] == "decoupled" else torch._fused_adam_
+    beta1, beta2 = group["betas"]
+    kernel(
+        params,
+        grads,
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+        steps,
+        amsgrad=group["amsgrad"],
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=group["maximize"],
+    )
 
 
 class ScaleByAdamax(Transform):

@@ -1,0 +1,89 @@
+"""torch's fused kernels as a path of the core.
+
+Where a group's chain is exactly an algorithm that torch has a fused kernel for (``torch._fused_adam_``,
+``torch._fused_adamw_``, ``torch._fused_sgd_``, ...) and the group's options ask for nothing the kernel cannot do, the
+core steps the group with that kernel: one pass over each tensor, the same arithmetic as ``torch.optim.Adam(...,
+fused=True)`` and therefore bitwise the same result. Everything else (the chain, the compiled path) is unchanged.
+
+A transform offers a kernel through :meth:`~gradstep.core.transform.Transform.fused_kernel`; a transform that does
+nothing for a group's options (GoMLX's ``sqrt_step_decay`` when off) says so with
+:meth:`~gradstep.core.transform.Transform.is_identity`. The group option ``fused`` follows torch: ``None`` (default)
+uses the kernel whenever the options allow it, ``True`` requires it (a group that cannot be fused is refused, with the
+option that prevents it named), ``False`` never uses it.
+
+What the kernels cannot do, and what therefore keeps a group on the chain: per-parameter ``lr_scale`` or ``opt_args``
+overrides, ``clip_step``, ``backoff_steps``, stochastic rounding, the element-wise non-finite policies (``"zero"``,
+``"revert"``), state kept in another dtype than the parameter's (the default for bf16/fp16 parameters), devices torch
+has no fused kernel for, and the per-tensor reference (``foreach=False``). The ``"error"`` and ``"skip"`` policies
+screen the gradients before the kernel runs, as on every path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ops import TensorList
+
+__all__ = ["FusedKernel", "FUSED_DEVICES", "chain_kernel", "group_blockers", "param_blockers", "run_fused"]
+
+FusedKernel = Callable[[dict[str, Any], TensorList, TensorList, list[dict[str, Any]]], None]
+"""``kernel(group, params, grads, states)``: one fused step of tensors of one device and dtype (real views), the
+parameters' state dicts in the same order; it advances each ``state["step"]`` itself, as torch's fused path does."""
+
+FUSED_DEVICES = ("cpu", "cuda")
+"""Devices with torch fused optimizer kernels (torch's ``_get_fused_kernels_supported_devices`` less the rare ones)."""
+
+
+def chain_kernel(transforms: Sequence[Any], group: dict[str, Any]) -> FusedKernel | None:
+    """The kernel of a chain for a group: the chain, less the transforms that are identities for the group's options,
+    must be one transform that offers a kernel for them."""
+    active = [t for t in transforms if not t.is_identity(group)]
+    if len(active) != 1:
+        return None
+    kernel: FusedKernel | None = active[0].fused_kernel(group)
+    return kernel
+
+
+def group_blockers(group: dict[str, Any]) -> list[str]:
+    """The group options that keep the group off the fused kernels, each as ``name=value``."""
+    blockers = []
+    if group["compiled"]:
+        blockers.append("compiled=True")
+    if group["foreach"] is False:
+        blockers.append("foreach=False")
+    for name, off in (("lr_scale", 1.0), ("clip_step", 0.0), ("backoff_steps", 0), ("stochastic_rounding", False)):
+        if group[name] != off:
+            blockers.append(f"{name}={group[name]!r}")
+    if group["nonfinite"] in ("zero", "revert"):
+        blockers.append(f"nonfinite={group['nonfinite']!r}")
+    return blockers
+
+
+def param_blockers(p: Tensor, state_dtype: torch.dtype, opt_args: dict[str, Any] | None) -> list[str]:
+    """What keeps one parameter off the fused kernels."""
+    blockers = []
+    if p.device.type not in FUSED_DEVICES:
+        blockers.append(f"device {p.device.type}")
+    real = torch.view_as_real(p) if p.is_complex() else p
+    if real.dtype != state_dtype:
+        blockers.append(f"state dtype {state_dtype} differs from the parameter's {real.dtype}")
+    if opt_args and any(opt_args.get(k) is not None for k in ("lr", "lr_scale", "weight_decay")):
+        blockers.append("per-parameter opt_args")
+    if type(p) is not torch.Tensor and not isinstance(p, torch.nn.Parameter):
+        blockers.append(f"tensor subclass {type(p).__name__}")
+    return blockers
+
+
+def run_fused(
+    kernel: FusedKernel, group: dict[str, Any], params: TensorList, grads: TensorList, states: list[dict[str, Any]]
+) -> None:
+    """Run ``kernel`` once per (device, dtype), as torch's fused optimizers do."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    for indices in buckets.values():
+        kernel(group, [params[i] for i in indices], [grads[i] for i in indices], [states[i] for i in indices])
