@@ -641,7 +641,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
     def _fused_step(self, plan: _Plan, dtypes: list[torch.dtype]) -> bool:
         """Step the group with torch's fused kernel where its chain and options allow it (see :mod:`.fused`)."""
         group = plan.group
-        if group["fused"] is False or group_blockers(group):
+        if group["fused"] is False or group_blockers(group) or torch.compiler.is_compiling():
+            # Inside a user's torch.compile the chain is traced and fused by inductor like the rest of the step.
             return False
         kernel = chain_kernel(self._transforms, group)
         if kernel is None:
