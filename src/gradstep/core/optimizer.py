@@ -300,7 +300,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         if chain_kernel(self._transforms, group) is None:
             blockers.insert(0, f"torch has no fused kernel for {type(self).__name__} with these options")
         for p in group["params"]:
-            blockers += [f"parameter {tuple(p.shape)}: {b}" for b in param_blockers(p, self._state_dtype(group, p), None)]
+            found = param_blockers(p, self._state_dtype(group, p), None)
+            blockers += [f"parameter {tuple(p.shape)}: {b}" for b in found]
         if blockers:
             raise ValueError(
                 f"Invalid fused: True ({'; '.join(blockers)}). compiled=True is the fast path for every optimizer "
