@@ -156,7 +156,9 @@ def _time(
     return statistics.median(times) * 1e3, first
 
 
-def timings(device: torch.device, scale: float, steps: int, warmup: int, compiled: bool = True) -> list[dict[str, Any]]:
+def timings(
+    device: torch.device, scale: float, steps: int, warmup: int, compiled_max_tensors: int = 100
+) -> list[dict[str, Any]]:
     import gradstep
 
     rows = []
@@ -169,7 +171,7 @@ def timings(device: torch.device, scale: float, steps: int, warmup: int, compile
                 torch_ms, _ = _time(
                     functools.partial(TORCH_FUSED[name], **hypers, fused=True), shapes, device, steps, warmup
                 )
-            for path, options in paths(compiled).items():
+            for path, options in paths(len(shapes) <= compiled_max_tensors).items():
                 row: dict[str, Any] = {"workload": workload, "optimizer": name, "path": path, "device": str(device)}
                 try:
                     ms, first = _time(
@@ -208,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="timed steps (default 50)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the first (default 5)")
     parser.add_argument("--skip-timings", action="store_true", help="correctness only")
+    parser.add_argument(
+        "--compiled-max-tensors",
+        type=int,
+        default=100,
+        help="time the compiled path only on workloads with at most this many tensors (default: %(default)s)",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -221,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = row.get("max_relative_difference", row.get("reason", ""))
         print(f"check {row['optimizer']:6} {row['path']:9} {row['status']:12} {shown}", flush=True)
     if not args.skip_timings:
-        results["timings"] = timings(device, args.scale, args.steps, args.warmup, compiled=not args.quick)
+        limit = 0 if args.quick else args.compiled_max_tensors
+        results["timings"] = timings(device, args.scale, args.steps, args.warmup, limit)
         for row in results["timings"]:
             if row.get("status") == "not offered":
                 continue
