@@ -157,7 +157,12 @@ def _time(
 
 
 def timings(
-    device: torch.device, scale: float, steps: int, warmup: int, compiled_max_tensors: int = 100
+    device: torch.device,
+    scale: float,
+    steps: int,
+    warmup: int,
+    compiled_max_tensors: int = 100,
+    compiled: tuple[str, ...] = CHECKED,
 ) -> list[dict[str, Any]]:
     import gradstep
 
@@ -171,7 +176,7 @@ def timings(
                 torch_ms, _ = _time(
                     functools.partial(TORCH_FUSED[name], **hypers, fused=True), shapes, device, steps, warmup
                 )
-            for path, options in paths(len(shapes) <= compiled_max_tensors).items():
+            for path, options in paths(name in compiled and len(shapes) <= compiled_max_tensors).items():
                 row: dict[str, Any] = {"workload": workload, "optimizer": name, "path": path, "device": str(device)}
                 try:
                     ms, first = _time(
@@ -211,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the first (default 5)")
     parser.add_argument("--skip-timings", action="store_true", help="correctness only")
     parser.add_argument(
+        "--compiled",
+        nargs="*",
+        choices=CHECKED,
+        default=list(CHECKED),
+        help="the optimizers whose compiled path is checked and timed (default: all; compiling takes a while)",
+    )
+    parser.add_argument(
         "--compiled-max-tensors",
         type=int,
         default=100,
@@ -224,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"device": str(device), "torch": torch.__version__}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
-    results["checks"] = check(device, args.check_steps, ("adamw",) if args.quick else CHECKED)
+    compiled = ("adamw",) if args.quick else tuple(args.compiled)
+    results["checks"] = check(device, args.check_steps, compiled)
     for row in results["checks"]:
         shown = row.get("max_relative_difference", row.get("reason", ""))
         print(f"check {row['optimizer']:6} {row['path']:9} {row['status']:12} {shown}", flush=True)
     if not args.skip_timings:
         limit = 0 if args.quick else args.compiled_max_tensors
-        results["timings"] = timings(device, args.scale, args.steps, args.warmup, limit)
+        results["timings"] = timings(device, args.scale, args.steps, args.warmup, limit, compiled)
         for row in results["timings"]:
             if row.get("status") == "not offered":
                 continue
