@@ -1,5 +1,6 @@
-"""The fused path: groups whose chain is Adam, AdamW or SGD with options torch's fused kernels can do are stepped by
-those kernels, bitwise as ``torch.optim.X(fused=True)``; ``fused=`` follows torch; every other option keeps the chain.
+"""The fused path: groups whose chain is Adam, AdamW, SGD or Adagrad with options torch's fused kernels can do are
+stepped by those kernels, bitwise as ``torch.optim.X(fused=True)``; ``fused=`` follows torch; every other option keeps
+the chain.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ CASES: dict[str, tuple[type[torch.optim.Optimizer], type[torch.optim.Optimizer],
         gradstep.SGD,
         {"lr": 5e-2, "momentum": 0.9, "dampening": 0.2, "weight_decay": 0.01},
         {"lr": 1e-2, "momentum": 0.5, "maximize": True},
+    ),
+    "adagrad-decay": (
+        torch.optim.Adagrad,
+        gradstep.Adagrad,
+        {"lr": 5e-2, "lr_decay": 0.01, "weight_decay": 0.05},
+        {"lr": 2e-2, "eps": 1e-6, "maximize": True},
     ),
     "sgd-nesterov-and-plain": (
         torch.optim.SGD,

@@ -62,6 +62,10 @@ class ScaleByAdagrad(Transform):
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:
         return {"sum": _filled(float(group["initial_accumulator_value"]))}
 
+    def fused_kernel(self, group: dict[str, Any]) -> Any:
+        # torch's kernel: coupled weight decay (dense gradients; the core steps sparse ones apart).
+        return _fused_adagrad if group["weight_decay_mode"] == "coupled" else None
+
     def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         ops, eps = ctx.ops, ctx.hyper("eps")
         decay = 1.0 / (1.0 + (ctx.steps - 1.0) * ctx.hyper("lr_decay"))
@@ -81,6 +85,23 @@ class ScaleByAdagrad(Transform):
         state_sum.add_(_like(grad, values.pow(2)))
         std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
         return _like(grad, values / std_values * decay)
+
+
+def _fused_adagrad(group: dict[str, Any], params: TensorList, grads: TensorList, states: list[dict[str, Any]]) -> None:
+    """One step of ``torch.optim.Adagrad(fused=True)``: the same kernel on the same buffers."""
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, 1)
+    torch._fused_adagrad_(
+        params,
+        grads,
+        [s["sum"] for s in states],
+        steps,
+        lr=group["lr"],
+        lr_decay=group["lr_decay"],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=group["maximize"],
+    )
 
 
 class ScaleByAdadelta(Transform):
@@ -157,8 +178,9 @@ class Adagrad(ChainedOptimizer):
     .. warning::
         Differences from torch.optim.Adagrad: state is created at the first step, not in the constructor, and from
         the group's own ``initial_accumulator_value`` (torch fills every group's ``sum`` from the constructor's value).
-        No ``fused`` or ``differentiable`` arguments. With sparse gradients, coupled ``weight_decay`` (as torch), and
-        also ``clip_step`` and ``nonfinite='zero'``, raise ``RuntimeError``.
+        No ``differentiable`` argument; ``fused`` as torch's (dense gradients take torch's fused kernel by
+        default). With sparse gradients, coupled ``weight_decay`` (as torch), and also ``clip_step`` and
+        ``nonfinite='zero'``, raise ``RuntimeError``.
 
     Example::
 

@@ -40,9 +40,7 @@ def _load_checkpoint(path: str, allow_pickle: bool) -> Any:
         with open(path, "rb") as f:
             legacy = f.read(1) == b"\x80"
         if not (legacy or zipfile.is_zipfile(path)):
-            raise CommandError(
-                f"inspect: {path} is not a torch checkpoint (not a file torch.save writes)"
-            )
+            raise CommandError(f"inspect: {path} is not a torch checkpoint (not a file torch.save writes)")
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
         text = str(exc)
@@ -77,9 +75,7 @@ def _select_state_dict(obj: Any, path: str, key: str | None) -> tuple[str, dict[
         known = ", ".join(repr(w) for w, _ in found) or "none"
         raise CommandError(f"inspect: {path} has no optimizer state_dict at key {key!r} (found: {known})")
     if not found:
-        raise CommandError(
-            f"inspect: {path} holds no optimizer state_dict (a dict with 'state' and 'param_groups')"
-        )
+        raise CommandError(f"inspect: {path} holds no optimizer state_dict (a dict with 'state' and 'param_groups')")
     if len(found) > 1:
         keys = ", ".join(repr(w) for w, _ in found)
         raise CommandError(f"inspect: {path} holds {len(found)} optimizer state_dicts (at {keys}); choose with --key")
