@@ -44,24 +44,32 @@ class NonFiniteError(FloatingPointError):
 
 
 def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
-    """A bool vector: whether every element of each tensor is finite (one vectorised pass per tensor, no sync).
+    """A bool vector: whether every element of each tensor is finite (one multi-tensor pass, no sync).
 
-    Read from each tensor's smallest and largest element, which NaN and infinities reach and which, unlike a sum,
-    cannot overflow: a finite gradient of huge elements (two of 3e38 in float32) is finite, a gradient with one NaN
-    is not. Sharded tensors (DTensors): the local answers are all-reduced, so every rank gets the same flags.
+    Read from each tensor's infinity norm, ``max|x|``, which NaN and infinities reach and which, unlike a sum, cannot
+    overflow: a finite gradient of huge elements (two of 3e38 in float32) is finite, a gradient with one NaN is not.
+    All the tensors of one device and dtype are read by one ``torch._foreach_norm`` call (one kernel on a GPU), not
+    one reduction per tensor. Sharded tensors (DTensors): the local answers are all-reduced, so every rank gets the
+    same flags.
     """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
     shardings = _shardings(tensors)
-    bad = torch.stack([_nonfinite_flag(_local(x)) for x in tensors])
+    bad = _nonfinite_flags([_local(x) for x in tensors])
     return _all_reduce(bad, shardings, "sum") == 0
 
 
-def _nonfinite_flag(x: Tensor) -> Tensor:
-    if x.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-    low, high = torch.aminmax(x)
-    return (~(torch.isfinite(low) & torch.isfinite(high))).to(torch.float32)
+def _nonfinite_flags(xs: Sequence[Tensor]) -> Tensor:
+    flags = torch.zeros(len(xs), dtype=torch.float32, device=xs[0].device)
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, x in enumerate(xs):
+        if x.numel():  # an empty tensor holds nothing non-finite (and has no infinity norm)
+            buckets.setdefault((x.device, x.dtype), []).append(i)
+    for indices in buckets.values():
+        norms = torch._foreach_norm([xs[i] for i in indices], float("inf"))
+        bad = (~torch.isfinite(torch.stack(norms))).to(device=flags.device, dtype=torch.float32)
+        flags[torch.tensor(indices, device=flags.device)] = bad
+    return flags
 
 
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:

@@ -121,6 +121,43 @@ def check(device: torch.device, steps: int, compiled: tuple[str, ...] = CHECKED)
     return rows
 
 
+def check_screen(device: torch.device) -> list[dict[str, Any]]:
+    """The default non-finite screen on ``device``: a NaN, an infinity, or a finite gradient whose elements would
+    overflow a float32 sum, in one of many tensors; the first two must be refused naming the parameter, leaving
+    everything as it was, the third must be stepped."""
+    import gradstep
+    from gradstep.core.nonfinite import NonFiniteError
+
+    rows = []
+    for label, value, refused in (("nan", float("nan"), True), ("-inf", float("-inf"), True), ("3e38", 3e38, False)):
+        params = _params(tuple((64,) for _ in range(50)), torch.float32, device)
+        opt = gradstep.AdamW(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        bad = torch.zeros(64, device=device)
+        bad[5:7] = value
+        params[37].grad = bad
+        before = [p.detach().clone() for p in params]
+        try:
+            opt.step()
+            outcome = "stepped"
+        except NonFiniteError as exc:
+            outcome = "refused" if "[37]" in str(exc) else f"refused, naming another parameter: {exc}"
+        unchanged = all(torch.equal(a, b.detach()) for a, b in zip(before, params))
+        ok = outcome == ("refused" if refused else "stepped") and unchanged == refused
+        rows.append(
+            {
+                "optimizer": "adamw",
+                "path": f"screen {label}",
+                "status": "ok" if ok else "FAIL",
+                "outcome": outcome,
+                "unchanged": unchanged,
+                "device": str(device),
+            }
+        )
+    return rows
+
+
 def workloads(scale: float) -> dict[str, list[tuple[int, ...]]]:
     """The reference workload (17.6M parameters, 24 tensors) and a 48-block transformer (580 tensors, ~6M)."""
     width = max(8, int(128 * scale**0.5))
@@ -237,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     compiled = ("adamw",) if args.quick else tuple(args.compiled)
-    results["checks"] = check(device, args.check_steps, compiled)
+    results["checks"] = check(device, args.check_steps, compiled) + check_screen(device)
     for row in results["checks"]:
-        shown = row.get("max_relative_difference", row.get("reason", ""))
+        shown = row.get("max_relative_difference", row.get("reason", row.get("outcome", "")))
         print(f"check {row['optimizer']:6} {row['path']:9} {row['status']:12} {shown}", flush=True)
     if not args.skip_timings:
         limit = 0 if args.quick else args.compiled_max_tensors
