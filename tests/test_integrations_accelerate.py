@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 import torch
+
+# The test extras install accelerate: a failed import fails these tests rather than skipping them.
+from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from torch import nn
 
 import gradstep
-
-pytest.importorskip("accelerate", reason="the test extras install accelerate")
-from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "accelerate_loop.py"
 
