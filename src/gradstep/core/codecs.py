@@ -128,7 +128,12 @@ def quantize_blockwise(x: Tensor, qmap: Tensor, block_size: int) -> tuple[Tensor
     scale = blocks.abs().amax(-1).clip(1e-12)
     scaled = (blocks / scale.view(-1, 1)).reshape(-1)
     n = qmap.numel()
-    below = (torch.searchsorted(qmap, scaled, right=True) - 1).clamp(0, n - 1)
+    # A branchless binary search (torchao's): compiled, it is one loop with the rounding; searchsorted is not fused.
+    below = torch.where(scaled >= qmap[n // 2], n // 2, 0)
+    step = n // 4
+    while step:
+        below = below + torch.where(scaled >= qmap[below + step], step, 0)
+        step //= 2
     above = (below + 1).clamp(max=n - 1)
     low, high = qmap[below], qmap[above]
     codes = torch.where(scaled - low >= (high - low) * 0.5, above, below)
