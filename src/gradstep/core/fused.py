@@ -60,6 +60,10 @@ def group_blockers(group: dict[str, Any]) -> list[str]:
             blockers.append(f"{name}={group[name]!r}")
     if group["nonfinite"] in ("zero", "revert"):
         blockers.append(f"nonfinite={group['nonfinite']!r}")
+    if group.get("state_codec", "fp32") != "fp32":  # torch's kernels read and write plain state tensors
+        blockers.append(f"state_codec={group['state_codec']!r}")
+    if group.get("kahan_summation"):
+        blockers.append("kahan_summation=True")
     return blockers
 
 
