@@ -595,7 +595,9 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         hypers.update((name, group[name]) for name in values)
         zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
         args = (self._transforms, plan.views, plan.grads, plan.states, dtypes, plan.opt_args, plan.names)
-        coded = [self._coded_buffers(group, v, d) for v, d in zip(plan.views, dtypes)]
+        coded: list[list[tuple[str, bool]]] = []  # per parameter: its coded state keys (none without a codec)
+        if group["state_codec"] != "fp32":
+            coded = [self._coded_buffers(group, v, d) for v, d in zip(plan.views, dtypes)]
         step: Callable[..., None] = group_step
         if any(coded):
             codec = group["state_codec"]
