@@ -677,7 +677,13 @@ def test_step_never_modifies_grads(entry: Entry) -> None:
 
 # --- 16. registry coverage ------------------------------------------------------------------------------------------
 # Base classes for subclassing or composition (they need transforms or an inner optimizer), not optimizers of their own.
-BASES = {"ChainedOptimizer", "ParamTransformingOptimizer", "ChainedParamTransformingOptimizer", "WrapperBase"}
+BASES = {
+    "ChainedOptimizer",
+    "ParamTransformingOptimizer",
+    "ChainedParamTransformingOptimizer",
+    "WrapperBase",
+    "StatefulWrapper",
+}
 PUBLIC_MODULES = (gradstep, gradstep.optim, gradstep.paramtransform, gradstep.wrappers)
 PUBLIC_OPTIMIZERS = sorted(
     {

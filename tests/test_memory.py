@@ -41,7 +41,7 @@ def test_chunking_bounds_the_peak_of_temporaries() -> None:
         for group in opt.param_groups:
             for p in group["params"]:
                 p.grad = torch.ones_like(p)
-    peak_whole, peak_chunked = _peak_extra_bytes(whole), _peak_extra_bytes(chunked)
+    peak_whole, peak_chunked = _peak_extra_bytes(whole.step), _peak_extra_bytes(chunked.step)
     group_bytes = sum(torch.Size(s).numel() for s in SHAPES) * 4
     assert peak_whole >= group_bytes, "the whole-group step should hold at least one group-sized temporary"
     assert peak_chunked <= peak_whole / 3, f"chunked peak {peak_chunked} vs whole-group {peak_whole}"
