@@ -616,7 +616,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             if key not in compiled:
                 compiled[key] = compiled_group_step(coded_group_step if any(coded) else group_step)
             if any(coded):
-                # Decode, update and encode in one compiled function: the decoded state lives in its loops only.
+                # Decode, update and encode in one compiled function (the decoded buffers, updated in place by the
+                # transforms, are still materialized by inductor for the duration of the step).
                 compiled[key](group["state_codec"], coded, hypers, zero, *args)
             else:
                 compiled[key](hypers, zero, *args)
