@@ -177,6 +177,29 @@ def test_per_parameter_opt_args_fall_back_to_the_chain(monkeypatch: pytest.Monke
     assert calls[0] == 0
 
 
+def test_non_contiguous_tensors_keep_the_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's CPU fused kernels pair the wrong elements of a transposed parameter (torch.optim.AdamW(fused=True) too):
+    # such a parameter, or a gradient laid out otherwise, keeps the group on the chain, which matches a contiguous copy.
+    calls = _count_calls(monkeypatch, "_fused_adamw_")
+    x = make_params(torch.float32, ((3, 4),))[0]
+    strided = torch.nn.Parameter(x.detach().clone().t())
+    dense = torch.nn.Parameter(strided.detach().contiguous())
+    opts = [gradstep.AdamW([p], lr=0.1) for p in (strided, dense)]
+    for t in range(1, 4):
+        for p, opt in zip((strided, dense), opts):
+            p.grad = grad_of(dense, t, 0)
+            opt.step()
+    torch.testing.assert_close(strided.detach(), dense.detach(), rtol=1e-6, atol=1e-7)  # chain vs kernel: rounding
+    assert calls[0] == 3  # the contiguous copy's steps only
+    with pytest.raises(ValueError, match="non-contiguous parameter"):
+        gradstep.AdamW([strided], fused=True)
+    transposed_grad = torch.nn.Parameter(x.detach().clone())
+    opt = gradstep.AdamW([transposed_grad], lr=0.1)
+    transposed_grad.grad = grad_of(x, 1, 0).t().contiguous().t()
+    opt.step()
+    assert calls[0] == 3
+
+
 def test_bf16_parameters_keep_fp32_state_on_the_chain(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_calls(monkeypatch, "_fused_adamw_")
     p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))

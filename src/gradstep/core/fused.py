@@ -79,6 +79,10 @@ def param_blockers(p: Tensor, state_dtype: torch.dtype, opt_args: dict[str, Any]
         blockers.append("per-parameter opt_args")
     if type(p) is not torch.Tensor and not isinstance(p, torch.nn.Parameter):
         blockers.append(f"tensor subclass {type(p).__name__}")
+    if not p.is_contiguous():
+        # torch 2.13's CPU kernels walk a parameter and its gradient and state as flat memory: on a transposed or
+        # sliced parameter they pair the wrong elements (torch.optim.AdamW(fused=True) itself then steps wrongly).
+        blockers.append("non-contiguous parameter")
     return blockers
 
 

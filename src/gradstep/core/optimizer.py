@@ -654,6 +654,10 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         for view, dtype, args in zip(plan.views, dtypes, plan.opt_args):
             if param_blockers(view, dtype, args):
                 return False  # e.g. opt_args set after construction: the chain handles every case
+        states = (v for s in plan.states for v in s.values() if isinstance(v, Tensor))
+        tensors = [*plan.grads, *states]
+        if not all(t.is_contiguous() for t in tensors):
+            return False  # the kernels read flat memory (see fused.param_blockers)
         run_fused(kernel, group, plan.views, plan.grads, plan.states)
         return True
 
