@@ -200,6 +200,26 @@ def test_non_contiguous_tensors_keep_the_chain(monkeypatch: pytest.MonkeyPatch) 
     assert calls[0] == 3
 
 
+def test_the_kernels_read_float32_step_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The core keeps float64 counts (exact past 2^24); torch's CUDA kernels read a count's memory as float32, so each
+    # kernel is handed float32 copies, as torch.optim keeps them.
+    seen: list[torch.dtype] = []
+    real = torch._fused_adamw_
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.extend(s.dtype for s in args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", spy)
+    params = make_params(torch.float32)
+    opt = gradstep.AdamW(params, lr=1e-2)
+    for i, p in enumerate(params):
+        p.grad = grad_of(p, 1, i)
+    opt.step()
+    assert seen == [torch.float32] * len(params)
+    assert all(opt.state[p]["step"].dtype == torch.float64 and float(opt.state[p]["step"]) == 1 for p in params)
+
+
 def test_bf16_parameters_keep_fp32_state_on_the_chain(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_calls(monkeypatch, "_fused_adamw_")
     p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))

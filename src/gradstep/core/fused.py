@@ -28,7 +28,16 @@ from torch import Tensor
 
 from .ops import TensorList
 
-__all__ = ["FusedKernel", "FUSED_DEVICES", "chain_kernel", "group_blockers", "param_blockers", "run_fused"]
+__all__ = [
+    "FUSED_DEVICES",
+    "FusedKernel",
+    "all_fusable",
+    "chain_kernel",
+    "float32_counts",
+    "group_blockers",
+    "param_blockers",
+    "run_fused",
+]
 
 FusedKernel = Callable[[dict[str, Any], TensorList, TensorList, list[dict[str, Any]]], None]
 """``kernel(group, params, grads, states)``: one fused step of tensors of one device and dtype (real views), the
@@ -84,6 +93,38 @@ def param_blockers(p: Tensor, state_dtype: torch.dtype, opt_args: dict[str, Any]
         # sliced parameter they pair the wrong elements (torch.optim.AdamW(fused=True) itself then steps wrongly).
         blockers.append("non-contiguous parameter")
     return blockers
+
+
+def all_fusable(
+    params: TensorList,
+    grads: TensorList,
+    states: list[dict[str, Any]],
+    state_dtypes: list[torch.dtype],
+    opt_args: list[dict[str, Any] | None],
+) -> bool:
+    """Whether every parameter of a step can take the kernel: :func:`param_blockers` as one cheap pass (it runs every
+    step for every tensor), with the gradients' and state's layout, which the kernels read as flat memory too."""
+    for p, g, state, dtype, args in zip(params, grads, states, state_dtypes, opt_args):
+        if (
+            args
+            or p.dtype != dtype
+            or p.device.type not in FUSED_DEVICES
+            or not (p.is_contiguous() and g.is_contiguous())
+            or (type(p) is not torch.Tensor and not isinstance(p, torch.nn.Parameter))
+        ):
+            if param_blockers(p, dtype, args) or not g.is_contiguous():
+                return False
+        if not all(v.is_contiguous() for v in state.values() if isinstance(v, Tensor)):
+            return False
+    return True
+
+
+def float32_counts(steps: TensorList) -> TensorList:
+    """The step counts as torch's fused kernels read them: float32 (the CUDA kernels read the memory as float; the
+    core keeps float64 counts, exact past 2^24). One stack and one cast for the whole list."""
+    if all(s.dtype == torch.float32 for s in steps):
+        return steps
+    return list(torch.stack(steps).to(torch.float32).unbind(0))
 
 
 def run_fused(

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import codecs
 from .cautious import with_cautious
-from .fused import chain_kernel, group_blockers, param_blockers, run_fused
+from .fused import all_fusable, chain_kernel, group_blockers, param_blockers, run_fused
 from .groups import GroupToolsMixin
 from .hypers import REQUIRED, Hyper, boolean, expand_hypers, non_negative, non_negative_int, one_of, optional_bool
 from .loading import STEP_DTYPE, validated_load
@@ -410,20 +410,23 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
     def _gather(self, index: int, group: dict[str, Any]) -> _Plan:
         plan = _Plan(index, group)
         names = group.get("param_names")
+        # Read once per group, not per parameter: this loop is the per-step cost of every tensor.
+        sparse_only = self._sparse_gradients() == "required"
+        coded = group["state_codec"] != "fp32"
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             name = names[i] if names else f"param_groups[{index}]['params'][{i}]"
             if p.grad.is_sparse:
                 self._check_sparse(group, p, name)
-            elif self._sparse_gradients() == "required":
+            elif sparse_only:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support dense gradients (parameter {name}); it steps sparse "
                     f"gradients only (e.g. of nn.Embedding(sparse=True)): use Adam for dense ones"
                 )
             if p.grad.shape != p.shape:
                 raise RuntimeError(f"gradient of {name} has shape {tuple(p.grad.shape)}, parameter {tuple(p.shape)}")
-            if group["state_codec"] != "fp32" and (_is_dtensor(p) or p.grad.is_sparse):
+            if coded and (_is_dtensor(p) or p.grad.is_sparse):
                 kind = "DTensor (FSDP2) parameters" if _is_dtensor(p) else "sparse gradients"
                 raise NotImplementedError(
                     f"{type(self).__name__}: state_codec={group['state_codec']!r} does not serve {kind} yet "
@@ -651,13 +654,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         kernel = chain_kernel(self._transforms, group)
         if kernel is None:
             return False
-        for view, dtype, args in zip(plan.views, dtypes, plan.opt_args):
-            if param_blockers(view, dtype, args):
-                return False  # e.g. opt_args set after construction: the chain handles every case
-        states = (v for s in plan.states for v in s.values() if isinstance(v, Tensor))
-        tensors = [*plan.grads, *states]
-        if not all(t.is_contiguous() for t in tensors):
-            return False  # the kernels read flat memory (see fused.param_blockers)
+        if not all_fusable(plan.views, plan.grads, plan.states, dtypes, plan.opt_args):
+            return False  # e.g. opt_args set after construction: the chain handles every case
         run_fused(kernel, group, plan.views, plan.grads, plan.states)
         return True
 

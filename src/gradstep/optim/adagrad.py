@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.fused import float32_counts
 from ..core.hypers import Hyper, non_negative, positive, unit_interval_closed
 from ..core.ops import Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
@@ -95,7 +96,7 @@ def _fused_adagrad(group: dict[str, Any], params: TensorList, grads: TensorList,
         params,
         grads,
         [s["sum"] for s in states],
-        steps,
+        float32_counts(steps),
         lr=group["lr"],
         lr_decay=group["lr_decay"],
         weight_decay=group["weight_decay"],

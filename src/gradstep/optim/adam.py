@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..core.fused import float32_counts
 from ..core.hypers import Hyper, beta_pair, boolean, non_negative, one_of
 from ..core.ops import Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
@@ -109,7 +110,7 @@ def _fused_adam(group: dict[str, Any], params: TensorList, grads: TensorList, st
         [s["exp_avg"] for s in states],
         [s["exp_avg_sq"] for s in states],
         [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-        steps,
+        float32_counts(steps),
         amsgrad=group["amsgrad"],
         lr=group["lr"],
         beta1=beta1,
