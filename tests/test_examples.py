@@ -13,14 +13,12 @@ Sizes are small and torch runs on one thread here, so the file takes a few secon
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 import torch
@@ -28,26 +26,14 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import gradstep
+from example_helpers import load_example, one_torch_thread  # noqa: F401  (one_torch_thread: a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    # Tiny models: one thread is faster than two fighting over a small matmul, and the runs are deterministic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_load = load_example
 
 
 @pytest.fixture(scope="module")

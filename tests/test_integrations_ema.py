@@ -6,10 +6,7 @@ warm-up is checked against the figures timm's ModelEmaV3 docstring gives and its
 
 from __future__ import annotations
 
-import importlib.util
 import io
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,17 +14,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import gradstep
+from example_helpers import load_example, one_torch_thread  # noqa: F401  (one_torch_thread: a fixture)
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models: one thread is faster than two fighting over small kernels.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model() -> nn.Module:
@@ -171,9 +160,6 @@ def test_copy_to_and_bad_arguments() -> None:
 
 
 def test_the_example_evaluates_the_average_and_restores_the_weights() -> None:
-    spec = importlib.util.spec_from_file_location("example_ema_eval", EXAMPLES / "ema_eval.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("ema_eval")
     last, averaged = example.main(steps=200)
     assert averaged < 0.5 * last  # the noisy last iterate is worse than the average here

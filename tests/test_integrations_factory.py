@@ -10,8 +10,6 @@ where a final norm marked ``(99999,)`` joins the last block and unmatched names 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +17,7 @@ import torch
 from torch import nn
 
 import gradstep
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from example_helpers import load_example
 
 
 class TinyViT(nn.Module):
@@ -136,10 +133,7 @@ def test_momentum_default_lookahead_prefix_and_parameters_passed_through() -> No
 
 
 def test_the_example_builds_timms_layer_decay_groups(capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("example_timm_factory", EXAMPLES / "timm_factory.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("timm_factory")
     opt = example.main()
     # stem, three blocks (the final norm joins the last), head: 0.75**4 ... 1, each split by decay.
     assert [g["lr_scale"] for g in opt.param_groups][::2] == [0.75**4, 0.75**3, 0.75**2, 0.75, 1.0]

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -15,28 +13,21 @@ import torch
 import transformers  # noqa: F401  (the test extras install it: a failed import fails, never skips)
 
 import gradstep
+from example_helpers import load_example, one_torch_thread  # noqa: F401  (one_torch_thread: a fixture)
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def ex() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("example_hf_trainer", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("hf_trainer")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _no_future_warnings() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         yield
-    torch.set_num_threads(threads)
 
 
 def _inner(trainer: Any) -> Any:

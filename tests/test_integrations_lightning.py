@@ -7,10 +7,7 @@ The Trainers are tiny (64 samples, batches of 16); the file takes some seconds, 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,27 +17,14 @@ import torch
 from torch import nn
 
 import gradstep
+from example_helpers import load_example, one_torch_thread  # noqa: F401  (one_torch_thread: a fixture)
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_train.py"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models: one thread is faster than two fighting over small kernels.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def ex() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("example_lightning_train", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("lightning_train")
 
 
 @pytest.fixture(autouse=True)

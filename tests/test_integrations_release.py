@@ -3,9 +3,6 @@ the non-finite policies of this mode, and the optimizers it refuses."""
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,17 +10,9 @@ import torch
 from torch import nn
 
 import gradstep
+from example_helpers import load_example, one_torch_thread  # noqa: F401  (one_torch_thread: a fixture)
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models: one thread is faster than two fighting over small kernels.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -162,8 +151,5 @@ def test_refused_optimizers_and_policies_name_the_reason() -> None:
 
 
 def test_the_example_is_bitwise_equal_to_the_normal_loop() -> None:
-    spec = importlib.util.spec_from_file_location("example_step_in_backward", EXAMPLES / "step_in_backward.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("step_in_backward")
     assert example.main() is True

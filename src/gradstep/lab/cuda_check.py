@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .bench_workloads import reference_shapes, transformer_shapes
+from .bench_workloads import reference_shapes, time_steps, transformer_shapes
 
 CHECKED = ("adamw", "adam", "sgd", "lamb", "adan")
 """The optimizers checked and timed: the three torch has fused kernels for, one per-tensor reduction, one with
@@ -165,32 +163,15 @@ def workloads(scale: float) -> dict[str, list[tuple[int, ...]]]:
 
 
 def _time(
-    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    make: Callable[..., torch.optim.Optimizer],
     shapes: list[tuple[int, ...]],
     device: torch.device,
     steps: int,
     warmup: int,
 ) -> tuple[float, float]:
-    gen = torch.Generator().manual_seed(0)
-    params: list[torch.Tensor] = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
-    for p in params:
-        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(device)
-    opt = make(params)
-    sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    opt.step()
-    sync()
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        opt.step()
-    sync()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        opt.step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, first
+    """(median ms per step, first step in s): the workloads benchmark's timer."""
+    ms, first = time_steps(make, shapes, str(device), steps, warmup)
+    return ms, first
 
 
 def timings(
