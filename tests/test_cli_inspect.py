@@ -221,6 +221,24 @@ def test_inspect_summarises_a_gradstep_checkpoint(capsys: pytest.CaptureFixture[
     assert f"{total / n_elements:.2f} bytes per parameter element" in out
 
 
+def test_inspect_shows_a_partitions_routing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.Linear(4, 6), torch.nn.Linear(6, 7))
+    opt = gradstep.from_config("muon_adamw", model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    path = tmp_path / "partition.pt"
+    torch.save({"optimizer": opt.state_dict()}, path)
+    status, out, err = run_main(capsys, "inspect", str(path))
+    assert status == 0, err
+    assert "gradstep.partition (matrix: gradstep.Muon, elementwise: gradstep.AdamW)" in out
+    routing = out[out.index("routing:") :].splitlines()[1:6]
+    assert routing[0].split() == ["parameter", "shape", "part", "group", "why"]
+    assert routing[1].split() == ["1.weight", "6x4", "matrix", "0", "hidden", "2-D", "weight"]
+    assert routing[2].split() == ["0.weight", "7x4", "elementwise", "0", "embedding"]
+    assert routing[4].split() == ["2.weight", "7x6", "elementwise", "0", "output", "head"]
+
+
 def test_inspect_finds_the_state_dict_inside_a_checkpoint_or_asks_for_a_key(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -184,3 +184,72 @@ def test_deepcopy_steps_identically() -> None:
     _train(model2, opt2, 2, start=2)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def _snapshot(opt: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+    return [(f"{p}:{k}", v.clone()) for p, s in opt.state_dict()["state"].items() for k, v in s.items()]
+
+
+def test_a_dict_refused_by_the_second_part_leaves_the_first_part_unchanged() -> None:
+    model = TinyLM()
+    opt = gradstep.partition(model, PARTS)
+    _train(model, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    _train(model, opt, 1, start=2)  # the live state now differs from the saved one
+    before = _snapshot(opt)
+    lrs = [g["lr"] for g in opt.param_groups]
+    broken = copy.deepcopy(saved)
+    last = max(broken["state"])  # a parameter of the second part ("elementwise")
+    broken["state"][last]["exp_avg"] = torch.zeros(99)
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.load_state_dict(broken)
+    after = _snapshot(opt)
+    assert [k for k, _ in before] == [k for k, _ in after]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(before, after))
+    assert [g["lr"] for g in opt.param_groups] == lrs
+
+
+def test_a_dict_with_other_group_counts_is_refused_before_any_part_loads() -> None:
+    model = TinyLM()
+    opt = gradstep.partition(model, PARTS)
+    _train(model, opt, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["partition"]["matrix"]["groups"] = 2
+    with pytest.raises(ValueError, match="param groups"):
+        opt.load_state_dict(sd)
+
+
+def test_presets_build_from_config_and_create() -> None:
+    model = TinyLM()
+    built = gradstep.from_config("muon_adamw(lr=0.01, adamw_lr_ratio=0.1)", model)
+    assert isinstance(built, MuonAdamW)
+    assert [g["lr"] for g in built.param_groups] == [0.01, 0.01 * 0.1]
+    same = gradstep.from_config({"name": "muon_adamw", "lr": 0.01, "adamw_lr_ratio": 0.1}, model)
+    assert same.report() == built.report()
+    assert isinstance(gradstep.create("MUON_ADAMW", model), MuonAdamW)
+    assert "muon_adamw" not in gradstep.available()  # the generic matrix steps bare tensors: presets stay out
+    with pytest.raises(ValueError, match="muon_adamw"):
+        gradstep.from_config("muon_adamx", model)
+    with pytest.raises(ValueError, match="adamw_lr_ratio"):
+        gradstep.from_config("muon_adamw(adamw_lr_ratio=0)", model)
+
+
+def test_the_routes_travel_in_the_state_dict_and_inspect_shows_them() -> None:
+    from gradstep.tools.checkpoint import summarize
+
+    model = TinyLM(tied=True)
+    opt = gradstep.from_config("muon_adamw", model)
+    _train(model, opt, 1)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    summary = summarize(saved)
+    assert summary["optimizer"] == "gradstep.partition (matrix: gradstep.Muon, elementwise: gradstep.AdamW)"
+    expected = [(r.name, list(r.shape), r.part, r.group, r.reason) for r in opt.routes()]
+    assert [(r["name"], r["shape"], r["part"], r["group"], r["reason"]) for r in summary["routes"]] == expected
+    assert ("embed.weight", "embedding tied to the output head") in [
+        (r["name"], r["reason"]) for r in summary["routes"]
+    ]
+    resumed = gradstep.from_config("muon_adamw", model)
+    resumed.load_state_dict(saved)  # the routes are information: loading ignores them

@@ -22,6 +22,7 @@ Who gets what, in order:
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core.registry import from_config
+from .core.registry import Entry, from_config, register_partition_preset
 
 __all__ = ["Partition", "Route", "classify", "partition"]
 
@@ -263,24 +264,56 @@ class Partition(torch.optim.Optimizer):
                 **{k: v for k, v in sd.items() if k not in ("state", "param_groups")},
             }
             offset += sum(len(g["params"]) for g in sd["param_groups"])
-        return {"state": state, "param_groups": groups, "partition": meta}
+        # The routes travel as plain lists so `gradstep inspect` can show them and weights_only loads take them.
+        routes = [[r.name, list(r.shape), r.part, r.group, r.reason] for r in self._routes]
+        return {"state": state, "param_groups": groups, "partition": meta, "partition_routes": routes}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Give each part its share; a dict refused by any part leaves every part as it was."""
+        shares = self._shares(state_dict)
+        before = {name: copy.deepcopy(opt.state_dict()) for name, opt in self.parts.items()}
+        loaded: list[str] = []
+        try:
+            for name, opt in self.parts.items():
+                opt.load_state_dict(shares[name])
+                loaded.append(name)
+        except Exception:
+            # A part's own load is atomic; the parts loaded before the refusal get their old state back.
+            for name in loaded:
+                self.parts[name].load_state_dict(before[name])
+            raise
+
+    def _shares(self, state_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Each part's state_dict cut out of the partition's, after checking the layout matches this partition."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError("a partition's state_dict is a dict with 'state', 'param_groups' and 'partition'")
         meta = state_dict.get("partition")
         if not isinstance(meta, dict) or list(meta) != list(self.parts):
             saved = list(meta) if isinstance(meta, dict) else "none"
             raise ValueError(f"this state_dict holds the parts {saved}, this partition {list(self.parts)}")
-        groups = state_dict["param_groups"]
+        groups, state = state_dict["param_groups"], state_dict.get("state", {})
+        expected = sum(len(opt.param_groups) for opt in self.parts.values())
+        counts = [m.get("groups") if isinstance(m, dict) else None for m in meta.values()]
+        known = [c for c in counts if isinstance(c, int)]
+        if len(groups) != expected or len(known) != len(counts) or sum(known) != expected:
+            raise ValueError(f"this state_dict holds {len(groups)} param groups, this partition {expected}")
+        shares: dict[str, dict[str, Any]] = {}
         start, offset = 0, 0
         for name, opt in self.parts.items():
+            if meta[name]["groups"] != len(opt.param_groups):
+                raise ValueError(
+                    f"part {name!r}: the state_dict holds {meta[name]['groups']} param groups, "
+                    f"the part {len(opt.param_groups)}"
+                )
             mine = groups[start : start + meta[name]["groups"]]
             start += meta[name]["groups"]
             ids = [i for g in mine for i in g["params"]]
             sd = {k: v for k, v in meta[name].items() if k != "groups"}
             sd["param_groups"] = [{**g, "params": [i - offset for i in g["params"]]} for g in mine]
-            sd["state"] = {i - offset: state_dict["state"][i] for i in ids if i in state_dict["state"]}
-            opt.load_state_dict(sd)
+            sd["state"] = {i - offset: state[i] for i in ids if i in state}
+            shares[name] = sd
             offset += len(ids)
+        return shares
 
 
 # --- presets ---------------------------------------------------------------------------------------------------------
@@ -376,18 +409,23 @@ class MuonAdamW(Partition):
         self.defaults.update(betas=betas, eps=eps, ns_dtype=ns_dtype)
 
 
-def presets() -> dict[str, Any]:
-    """The partition presets by name, as registry entries (built on a model, or on parameters in a model_scope)."""
-    from .core.registry import Entry
+MUON_ADAMW = register_partition_preset(
+    Entry(
+        "muon_adamw",
+        MuonAdamW,
+        "Muon for hidden matrices, AdamW (lr x 0.015) for embeddings, head, biases, norms and scalars",
+        "Jordan et al., 2024. Muon: An optimizer for hidden layers in neural networks",
+        ("Muon reference's MuonWithAuxAdam split",),
+        example={"lr": 0.02, "weight_decay": 0.01},
+        invalid=(({"adamw_lr_ratio": -1.0}, "adamw_lr_ratio"),),
+    )
+)
 
-    return {
-        "muon_adamw": Entry(
-            "muon_adamw",
-            MuonAdamW,
-            "Muon for hidden matrices, AdamW (lr x 0.015) for embeddings, head, biases, norms and scalars",
-            "Jordan et al., 2024. Muon: An optimizer for hidden layers in neural networks",
-            ("Muon reference's MuonWithAuxAdam split",),
-            example={"lr": 0.02, "weight_decay": 0.01},
-            invalid=(({"adamw_lr_ratio": -1.0}, "adamw_lr_ratio"),),
-        )
-    }
+
+def presets() -> dict[str, Any]:
+    """The partition presets by name, as registry entries (built on a model, or on parameters in a model_scope).
+
+    They are also known to :func:`gradstep.create` and :func:`gradstep.from_config`:
+    ``gradstep.from_config("muon_adamw(lr=0.02)", model)``.
+    """
+    return {MUON_ADAMW.name: MUON_ADAMW}

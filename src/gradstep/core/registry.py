@@ -171,6 +171,21 @@ def register(entry: Entry) -> Entry:
     return entry
 
 
+_PARTITION_PRESETS: dict[str, Entry] = {}
+"""Optimizers made of several (``muon_adamw``): built from a model's parameters, so :func:`get`,
+:func:`create` and :func:`from_config` know them, while :func:`available` and :func:`entries` (the generic test
+matrix, which steps bare tensors) list the plain optimizers only."""
+
+
+def register_partition_preset(entry: Entry) -> Entry:
+    """Add a partition preset (:mod:`gradstep.routing` registers its own); a name can be registered once."""
+    key = entry.name.lower()
+    if key in _REGISTRY or key in _PARTITION_PRESETS:
+        raise ValueError(f"optimizer {entry.name!r} is already registered")
+    _PARTITION_PRESETS[key] = entry
+    return entry
+
+
 def available() -> list[str]:
     """Every registered name, sorted."""
     return sorted(_REGISTRY)
@@ -178,12 +193,15 @@ def available() -> list[str]:
 
 def get(name: str) -> Entry:
     """The entry of ``name`` (case-insensitive); an unknown name raises ``ValueError`` listing the valid ones."""
-    try:
-        return _REGISTRY[name.lower()]
-    except KeyError:
-        close = difflib.get_close_matches(name.lower(), available(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown optimizer {name!r}{hint}; available: {', '.join(available())}") from None
+    key = name.lower()
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    if key in _PARTITION_PRESETS:
+        return _PARTITION_PRESETS[key]
+    known = available() + sorted(_PARTITION_PRESETS)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown optimizer {name!r}{hint}; available: {', '.join(known)}")
 
 
 def create(name: str, params: Iterable[Any], **hypers: Any) -> torch.optim.Optimizer:

@@ -99,6 +99,9 @@ def identify(sd: dict[str, Any]) -> str:
     meta = sd.get("gradstep")
     if isinstance(meta, dict) and meta.get("optimizer"):
         return f"gradstep.{meta['optimizer']}"
+    parts = sd.get("partition")
+    if isinstance(parts, dict) and parts:
+        return "gradstep.partition (" + ", ".join(f"{name}: {identify(_as_sd(m))}" for name, m in parts.items()) + ")"
     family = _family(sd)
     if family == "adam":
         decoupled = {g.get("decoupled_weight_decay") for g in sd["param_groups"]}
@@ -112,6 +115,21 @@ def identify(sd: dict[str, Any]) -> str:
     return "unknown"
 
 
+def _as_sd(part_meta: Any) -> dict[str, Any]:
+    """A partition part's saved metadata in the shape :func:`identify` reads (it holds no groups or state)."""
+    meta = dict(part_meta) if isinstance(part_meta, dict) else {}
+    return {**meta, "param_groups": [], "state": {}}
+
+
+def _routes(sd: dict[str, Any]) -> list[dict[str, Any]]:
+    """A partition's routes (parameter name, shape, part, group, why), as :meth:`Partition.state_dict` saves them."""
+    rows = sd.get("partition_routes")
+    if not isinstance(rows, list):
+        return []
+    keys = ("name", "shape", "part", "group", "reason")
+    return [dict(zip(keys, row)) for row in rows if isinstance(row, (list, tuple)) and len(row) == len(keys)]
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -123,7 +141,8 @@ def summarize(sd: dict[str, Any]) -> dict[str, Any]:
     of parameters and every hyperparameter), ``parameters`` and ``parameters_with_state``, ``state`` (per state
     name: the number of tensors, their dtypes and shapes, elements and bytes; for scalars also the range of values),
     ``state_bytes`` in all and ``bytes_per_param_element`` (state bytes over the elements of the parameters that have
-    state; a parameter's size is taken as the largest of its state tensors).
+    state; a parameter's size is taken as the largest of its state tensors), and ``routes``: for a partition
+    (:func:`gradstep.partition`), each parameter's name, shape, part, group and why (else empty).
     """
     meta = sd.get("gradstep") if isinstance(sd.get("gradstep"), dict) else None
     groups = []
@@ -173,6 +192,7 @@ def summarize(sd: dict[str, Any]) -> dict[str, Any]:
         "state": state,
         "state_bytes": total,
         "bytes_per_param_element": total / param_elements if param_elements else None,
+        "routes": _routes(sd),
     }
 
 

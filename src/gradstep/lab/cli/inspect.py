@@ -124,6 +124,13 @@ def _inspect_text(summary: dict[str, Any], path: str, key: str) -> list[str]:
         lines.extend("  " + line for line in _table(rows, right=(1, 3, 4)))
     else:
         lines.append("  no state (no step was taken)")
+    if summary.get("routes"):
+        rows = [["parameter", "shape", "part", "group", "why"]]
+        for r in summary["routes"]:
+            shape = "x".join(map(str, r["shape"])) or "scalar"
+            rows.append([str(r["name"]), shape, str(r["part"]), str(r["group"]), str(r["reason"])])
+        lines.append("routing:")
+        lines.extend("  " + line for line in _table(rows))
     per = summary["bytes_per_param_element"]
     total = f"state memory: {_human_bytes(summary['state_bytes'])}"
     if per is not None:
