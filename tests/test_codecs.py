@@ -55,6 +55,33 @@ def test_quantizers_match_torchao(codec: str, signed: bool) -> None:
     assert torch.equal(codecs.decode(codec, parts, signed, x.shape, torch.float32), ref.dequantize())
 
 
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_table_quantizer_equals_torchao_rounding(codec: str, signed: bool) -> None:
+    """The lookup-table quantizer gives torchao's search-and-round code for every scaled value tried: each decision
+    threshold and the floats either side of it, each map entry and its neighbours, every 4099th float32 in [-1, 1],
+    signed zeros, subnormals and NaN."""
+    qmap = codecs.quantization_map(codec, signed)
+    midpoints = (qmap[:-1] + qmap[1:]) / 2  # the thresholds lie within float32 rounding of them
+    bits = torch.arange(0, 1 << 32, 4099, dtype=torch.int64)
+    sweep = torch.where(bits < 1 << 31, bits, bits - (1 << 32)).to(torch.int32).view(torch.float32)
+    down, up = torch.tensor(-torch.inf), torch.tensor(torch.inf)
+    values = [sweep[sweep.abs() <= 1], torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-45, -1e-45])]
+    for exact in (midpoints, qmap):
+        for _ in range(3):
+            values += [exact, torch.nextafter(exact, down), torch.nextafter(exact, up)]
+            exact = torch.nextafter(exact, down)
+    scaled = (torch.cat(values) if signed else torch.cat(values).abs()).clamp(-1, 1)
+    # Blocks led by a 1.0: their absmax is 1, so the quantizer rounds exactly these values; a last block of NaN.
+    block = codecs.BLOCK_SIZES[codec]
+    scaled = torch.cat([scaled, scaled.new_zeros(-scaled.numel() % (block - 1))]).reshape(-1, block - 1)
+    x = torch.cat([torch.ones(scaled.shape[0], 1), scaled], dim=1)
+    x = torch.cat([x, torch.full((1, block), torch.nan)])
+    codes, scale = codecs.quantize_blockwise(x, codec, signed)
+    assert torch.equal(scale[:-1], torch.ones_like(scale[:-1])) and scale[-1].isnan()
+    assert torch.equal(codes.long(), codecs.nearest_codes_reference(x / scale.view(-1, 1), qmap))
+
+
 @pytest.mark.parametrize(("codec", "name"), [("int8", "AdamW8bit"), ("int4", "AdamW4bit"), ("fp8", "AdamWFp8")])
 def test_adamw_steps_match_torchao(codec: str, name: str) -> None:
     """One step from zero state: the same codes, scales and parameters (to float32 rounding) as torchao's AdamW."""

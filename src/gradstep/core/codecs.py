@@ -22,9 +22,10 @@ The block-wise schemes are torchao's low-bit optimizer states (``torchao.optim``
 OptimStateFp8), reproduced bit for bit: a block's values are divided by their absolute maximum (clipped at 1e-12)
 and each is rounded to the nearest entry of a quantization map. int8 uses bitsandbytes' dynamic-tree map (signed
 for first moments, unsigned for second moments); int4 the signed dynamic map with 3 exponent bits for first moments
-and the linear map without zero (lpmm's) for second moments. As torchao and bitsandbytes do, a buffer with fewer
-than :data:`MIN_NUMEL` elements, or (block-wise codecs) not a whole number of blocks, stays in the state dtype;
-blocks never straddle two tensors, so each FSDP2 shard or chunk is coded on its own.
+and the linear map without zero (lpmm's) for second moments. The rounding is torchao's search, computed with two
+reads of lookup tables indexed by a value's top bits (:func:`_build_tables`), which vectorise. As torchao and
+bitsandbytes do, a buffer with fewer than :data:`MIN_NUMEL` elements, or (block-wise codecs) not a whole number of
+blocks, stays in the state dtype; blocks never straddle two tensors, so each FSDP2 shard or chunk is coded on its own.
 
 bf16+ecc is heavyball's error-corrected bf16: the bf16 value plus an int8 correction that stores what rounding to
 bf16 lost, in units of ``ULP / 254``; decoding adds it back (about 16 significant bits for 3 bytes).
@@ -33,7 +34,7 @@ bf16 lost, in units of ``ULP / 254``; decoding adds it back (about 16 significan
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,6 +52,7 @@ __all__ = [
     "dynamic_map",
     "encode",
     "part_templates",
+    "nearest_codes_reference",
     "quantization_map",
     "quantize_blockwise",
 ]
@@ -115,20 +117,16 @@ def _map_values(codec: str, signed: bool) -> tuple[float, ...]:
 
 def quantization_map(codec: str, signed: bool, device: Any = "cpu") -> Tensor:
     """The float32 map of ``"int8"`` (256 entries) or ``"int4"`` (16 entries), signed or unsigned."""
-    return torch.tensor(_map_values(codec, signed), dtype=torch.float32, device=device)
+    return _tables(codec, signed, device).qmap
 
 
-def quantize_blockwise(x: Tensor, qmap: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
-    """Codes (uint8, one per element, shaped like ``x``) and per-block scales (float32) of ``x``.
+def nearest_codes_reference(scaled: Tensor, qmap: Tensor) -> Tensor:
+    """torchao's rounding of scaled values to map indices (int64), the definition the fast quantizer reproduces.
 
-    torchao's rounding: the code below (the largest map entry <= the scaled value) moves up when the value is at
-    least half-way to the next entry.
+    A branchless binary search finds the code below (the largest map entry <= the value); the code above is taken
+    when the value is at least half-way to it, in float32: ``scaled - low >= (high - low) * 0.5``.
     """
-    blocks = x.reshape(-1, block_size).float()
-    scale = blocks.abs().amax(-1).clip(1e-12)
-    scaled = (blocks / scale.view(-1, 1)).reshape(-1)
     n = qmap.numel()
-    # A branchless binary search (torchao's): compiled, it is one loop with the rounding; searchsorted is not fused.
     below = torch.where(scaled >= qmap[n // 2], n // 2, 0)
     step = n // 4
     while step:
@@ -136,13 +134,102 @@ def quantize_blockwise(x: Tensor, qmap: Tensor, block_size: int) -> tuple[Tensor
         step //= 2
     above = (below + 1).clamp(max=n - 1)
     low, high = qmap[below], qmap[above]
-    codes = torch.where(scaled - low >= (high - low) * 0.5, above, below)
-    return codes.to(torch.uint8).reshape(x.shape), scale
+    return torch.where(scaled - low >= (high - low) * 0.5, above, below)
+
+
+class _Tables(NamedTuple):
+    """A map and the lookup tables that quantize to it and decode from it (see :func:`_build_tables`)."""
+
+    qmap: Tensor  # float32 map
+    pairs: Tensor  # (256, 2) float32: the two int4 values of each packed byte (high nibble first)
+    base: Tensor  # uint8, per bucket of float32 values: the code of the bucket's lowest value
+    rise: Tensor  # float32, per bucket: the value from which the code is base + 1 (NaN: none in the bucket)
+    shift: int  # bucket of a value: (its int32 bits >> shift) + offset
+    offset: int
+
+
+def _float_key(x: Tensor) -> Tensor:
+    """int64 keys that order float32 values as numbers (-0.0 and 0.0 alike)."""
+    bits = x.view(torch.int32).long()
+    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
+
+
+def _float_of_key(key: Tensor) -> Tensor:
+    return torch.where(key >= 0, key, -key - (1 << 31)).to(torch.int32).view(torch.float32)
+
+
+def _build_tables(values: tuple[float, ...]) -> _Tables:
+    """Lookup tables equivalent, value for value, to :func:`nearest_codes_reference` on the map ``values``.
+
+    That rounding is monotone in the value, so it is the number of decision thresholds at or below the value, each
+    the smallest float32 that reaches the next code (found exactly by bisection over the floats between two map
+    entries). A value's top bits (sign, exponent and the first ``m`` mantissa bits) then name a bucket of floats that
+    holds at most one threshold, with ``m`` the fewest bits for which that is true: the code is the bucket's base
+    code, plus one from the bucket's threshold on. Two table reads and a comparison replace a search, and vectorise.
+    """
+    qmap = torch.tensor(values, dtype=torch.float32)
+    n = qmap.numel()
+    index = torch.arange(1, n)
+    low, high = _float_key(qmap[:-1]), _float_key(qmap[1:])  # code(low) = j - 1 < j <= code(high) = j
+    while bool((high - low > 1).any()):
+        mid = (low + high) // 2
+        reaches = nearest_codes_reference(_float_of_key(mid), qmap) >= index
+        high, low = torch.where(reaches, mid, high), torch.where(reaches, low, mid)
+    thresholds = _float_of_key(high)
+    for mantissa_bits in range(2, 12):  # the fewest bits that give every threshold a bucket of its own
+        shift = 23 - mantissa_bits
+        if (thresholds.view(torch.int32) >> shift).unique().numel() == n - 1:
+            break
+    else:  # pragma: no cover - the maps' thresholds are far apart
+        raise ValueError("a quantization map with thresholds closer than 2**-11 relative")
+    offset = 1 << (8 + mantissa_bits)
+    start = (torch.arange(2 * offset, dtype=torch.int64) - offset) << shift
+    ends = torch.stack([start, start + (1 << shift) - 1]).to(torch.int32).view(torch.float32)
+    lowest = ends.amin(0)
+    base = torch.bucketize(lowest, thresholds)  # thresholds below the bucket (its own is counted by rise)
+    rise = torch.full_like(lowest, torch.nan)
+    rise[(thresholds.view(torch.int32) >> shift) + offset] = thresholds
+    nan = lowest.isnan()  # exponent 255: NaN, whose code is 0 (+inf cannot be a scaled value)
+    base, rise = base.masked_fill(nan, 0), rise.masked_fill(nan, torch.nan)
+    pairs = torch.stack([qmap.repeat_interleave(16), qmap.repeat(16)], dim=-1) if n == 16 else qmap.new_empty(0, 2)
+    return _Tables(qmap, pairs, base.to(torch.uint8), rise.float(), shift, offset)
+
+
+_TABLES: dict[tuple[str, bool, str], _Tables] = {}
+
+
+@torch.compiler.disable
+def _tables_of(codec: str, signed: bool, device: str) -> _Tables:
+    """Built on first use, on the CPU (milliseconds), and copied to other devices; compiled code reads the cache."""
+    cpu = _TABLES.get((codec, signed, "cpu")) or _build_tables(_map_values(codec, signed))
+    _TABLES[(codec, signed, "cpu")] = cpu
+    moved = cpu._replace(**{name: getattr(cpu, name).to(device) for name in ("qmap", "pairs", "base", "rise")})
+    return _TABLES.setdefault((codec, signed, device), moved)
+
+
+def _tables(codec: str, signed: bool, device: Any) -> _Tables:
+    device = str(torch.device(device))
+    return _TABLES.get((codec, signed, device)) or _tables_of(codec, signed, device)
+
+
+def quantize_blockwise(x: Tensor, codec: str, signed: bool) -> tuple[Tensor, Tensor]:
+    """Codes (uint8, one per element, shaped like ``x``) and per-block scales (float32) of ``x``.
+
+    Bit for bit :func:`nearest_codes_reference` (torchao's rounding) of the values divided by their block's absolute
+    maximum (clipped at 1e-12), computed with two reads of the map's lookup tables per element.
+    """
+    tables = _tables(codec, signed, x.device)
+    blocks = x.reshape(-1, BLOCK_SIZES[codec]).float()
+    scale = blocks.abs().amax(-1).clip(1e-12)
+    scaled = (blocks / scale.view(-1, 1)).reshape(-1)
+    bucket = (scaled.view(torch.int32) >> tables.shift) + tables.offset
+    codes = tables.base.index_select(0, bucket) + (scaled >= tables.rise.index_select(0, bucket))
+    return codes.reshape(x.shape), scale
 
 
 def dequantize_blockwise(codes: Tensor, qmap: Tensor, scale: Tensor) -> Tensor:
     """float32 values of ``codes`` (uint8 indices into ``qmap``) scaled per block."""
-    values = qmap[codes.int()].reshape(scale.shape[0], -1) * scale.view(-1, 1)
+    values = qmap.index_select(0, codes.reshape(-1).int()).reshape(scale.shape[0], -1) * scale.view(-1, 1)
     return values.reshape(codes.shape)
 
 
@@ -205,7 +292,7 @@ def encode(codec: str, x: Tensor, signed: bool) -> dict[str, Tensor]:
         scale = blocks.abs().amax(-1).clip(1e-12) / torch.finfo(torch.float8_e4m3fn).max
         codes = (blocks / scale.view(-1, 1)).to(torch.float8_e4m3fn)
         return {"": codes.reshape(x.shape), "_scale": scale}
-    codes, scale = quantize_blockwise(x, quantization_map(codec, signed, x.device), block)
+    codes, scale = quantize_blockwise(x, codec, signed)
     if codec == "int4":
         flat = codes.reshape(-1)
         codes = (flat[::2] << 4) | flat[1::2]  # torchao's packing: the even element in the high nibble
@@ -223,10 +310,11 @@ def decode(codec: str, parts: dict[str, Tensor], signed: bool, shape: torch.Size
     scale = parts["_scale"]
     if codec == "fp8":
         return (codes.float().reshape(scale.shape[0], -1) * scale.view(-1, 1)).reshape(shape).to(dtype)
-    if codec == "int4":
-        codes = torch.stack([codes >> 4, codes & 0b1111], dim=-1).reshape(-1)
-    qmap = quantization_map(codec, signed, codes.device)
-    return dequantize_blockwise(codes, qmap, scale).reshape(shape).to(dtype)
+    tables = _tables(codec, signed, codes.device)
+    if codec == "int4":  # one read per byte: both of its values
+        values = tables.pairs.index_select(0, codes.int()).reshape(scale.shape[0], -1) * scale.view(-1, 1)
+        return values.reshape(shape).to(dtype)
+    return dequantize_blockwise(codes, tables.qmap, scale).reshape(shape).to(dtype)
 
 
 PART_SUFFIXES = ("", "_scale", "_ecc")
