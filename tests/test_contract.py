@@ -136,15 +136,6 @@ EXPECTED_DIFFERENCES: dict[tuple[str, str], str] = {
     ("mars", "generic_errors"): "MARS converts lr to a number before the check: a 2-element tensor lr fails with "
     "torch's conversion message, not one naming lr",
     ("adafactor", "torch_state_dict"): "gradstep's Adafactor keeps other state keys than torch.optim.Adafactor",
-    **{
-        ("optim_wrapper", check): "OptimWrapper (any torch optimizer inside) keeps torch's unchecked load path and "
-        "has no validated set_hyper"
-        for check in ("refused_dict", "generic_errors", "set_hyper")
-    },
-    ("optim_wrapper", "complex"): "OptimWrapper accepts complex parameters whatever the inner optimizer supports",
-    ("optim_wrapper", "state_dict_hooks"): "OptimWrapper returns its inner optimizer's state_dict without its hooks",
-    ("optim_wrapper", "load_hooks"): "OptimWrapper loads through its inner optimizer without its own hooks",
-    ("optim_wrapper", "step_hooks"): "OptimWrapper steps its inner optimizer with the global hooks a second time",
 }
 
 

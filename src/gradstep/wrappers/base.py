@@ -21,6 +21,7 @@ from torch import Tensor
 from ..core.groups import GroupToolsMixin
 from ..core.hypers import Hyper
 from ..core.registry import create
+from .inner_checks import hypers_of, supports_complex
 
 __all__ = ["WrapperBase", "build_inner", "copy_tensors"]
 
@@ -95,17 +96,16 @@ class WrapperBase(GroupToolsMixin, torch.optim.Optimizer):
         self._inner.defaults = defaults
 
     def declared_hypers(self) -> dict[str, Hyper]:
-        """The inner optimizer's declared hyperparameters (none for a ``torch.optim`` optimizer)."""
-        declared = getattr(self._inner, "declared_hypers", None)
-        return declared() if callable(declared) else {}
+        """The inner optimizer's hyperparameter checks (a ``torch.optim`` optimizer's: see
+        :func:`gradstep.wrappers.inner_checks.hypers_of`)."""
+        return hypers_of(self._inner)
 
     @property
     def transforms(self) -> tuple[Any, ...]:
         return tuple(getattr(self._inner, "transforms", ()))
 
     def _supports_complex(self) -> bool:
-        supports = getattr(self._inner, "_supports_complex", None)
-        return bool(supports()) if callable(supports) else False
+        return supports_complex(self._inner)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._inner.add_param_group(param_group)
