@@ -151,19 +151,33 @@ def block_layout(
     return BlockLayout(tuple(shape), merged, slices, block_shapes, preconditioned, tuple(offsets), total)
 
 
-def _buckets(tensors: Sequence[Tensor], extra: Sequence[object] | None = None) -> dict[tuple[object, ...], list[int]]:
-    """Indices of ``tensors`` grouped by shape, dtype and device (and ``extra[i]``): the batches of one kernel."""
+def _buckets(
+    tensors: Sequence[Tensor], extra: Sequence[object] | None = None, batched: bool = True
+) -> dict[tuple[object, ...], list[int]]:
+    """Indices of ``tensors`` grouped by shape, dtype and device (and ``extra[i]``): the batches of one kernel.
+    Without ``batched`` each tensor is a batch of its own (the per-tensor reference path, ``foreach=False``)."""
     out: dict[tuple[object, ...], list[int]] = {}
     for i, t in enumerate(tensors):
-        key = (tuple(t.shape), t.dtype, t.device, extra[i] if extra is not None else None)
+        key = (tuple(t.shape), t.dtype, t.device, extra[i] if extra is not None else None, None if batched else i)
         out.setdefault(key, []).append(i)
     return out
 
 
-def kronecker_statistics(blocks: Sequence[Tensor], preconditioned: Sequence[Sequence[bool]]) -> list[list[Tensor]]:
+def kronecker_statistics(
+    blocks: Sequence[Tensor], preconditioned: Sequence[Sequence[bool]], batched: bool = True
+) -> list[list[Tensor]]:
     r"""Per block :math:`G`, per preconditioned dim :math:`k`: :math:`G_{(k)} G_{(k)}^\top`, the contraction of
     :math:`G` with itself over every other dim (``tensordot(G, G, [others, others])``). Same-shape blocks are
     stacked and contracted by one ``bmm`` per dim."""
+    if not batched:  # the literal reference: Distributed Shampoo's tensordot, block by block
+        return [
+            [
+                torch.tensordot(g, g, dims=[[i for i in range(g.dim()) if i != k]] * 2)
+                for k, on in enumerate(flags)
+                if on
+            ]
+            for g, flags in zip(blocks, preconditioned)
+        ]
     out: list[list[Tensor]] = [[] for _ in blocks]
     for (shape, *_), idx in _buckets(blocks, [tuple(p) for p in preconditioned]).items():
         stacked = torch.stack([blocks[i] for i in idx])
@@ -190,7 +204,9 @@ def accumulate_(factors: Sequence[Tensor], statistics: Sequence[Tensor], beta: f
         torch._foreach_add_(list(factors), list(statistics))
 
 
-def eigenbases(matrices: Sequence[Tensor], epsilon: float = 0.0) -> tuple[list[Tensor], list[Tensor]]:
+def eigenbases(
+    matrices: Sequence[Tensor], epsilon: float = 0.0, batched: bool = True
+) -> tuple[list[Tensor], list[Tensor]]:
     r"""The eigenvalues (ascending) and eigenvectors of each symmetric matrix :math:`A + \epsilon I`, by one batched
     ``torch.linalg.eigh`` per distinct shape.
 
@@ -200,7 +216,7 @@ def eigenbases(matrices: Sequence[Tensor], epsilon: float = 0.0) -> tuple[list[T
     """
     values: list[Tensor | None] = [None] * len(matrices)
     vectors: list[Tensor | None] = [None] * len(matrices)
-    for idx in _buckets(matrices).values():
+    for idx in _buckets(matrices, batched=batched).values():
         stacked = torch.stack([matrices[i] for i in idx])
         if epsilon != 0.0:
             stacked = stacked + epsilon * torch.eye(stacked.shape[-1], dtype=stacked.dtype, device=stacked.device)
@@ -222,7 +238,9 @@ def _eigh(stacked: Tensor) -> tuple[Tensor, Tensor]:
         return lam.to(stacked.dtype), q.to(stacked.dtype)
 
 
-def inverse_roots(matrices: Sequence[Tensor], roots: Sequence[float], epsilon: float) -> list[Tensor]:
+def inverse_roots(
+    matrices: Sequence[Tensor], roots: Sequence[float], epsilon: float, batched: bool = True
+) -> list[Tensor]:
     r""":math:`A^{-1/r}` of each symmetric positive semi-definite matrix, as Distributed Shampoo's default
     (``EigenConfig`` with ``PerturbationConfig(perturb_before_computation=True)``) computes it:
 
@@ -235,15 +253,17 @@ def inverse_roots(matrices: Sequence[Tensor], roots: Sequence[float], epsilon: f
     root are decomposed by one batched ``eigh``; the shift is decided per matrix, without a device sync.
     """
     out: list[Tensor | None] = [None] * len(matrices)
-    for (*_, root), idx in _buckets(matrices, [float(r) for r in roots]).items():
+    for (*_, root, _), idx in _buckets(matrices, [float(r) for r in roots], batched).items():
         stacked = torch.stack([matrices[i] for i in idx])
         eye = torch.eye(stacked.shape[-1], dtype=stacked.dtype, device=stacked.device)
         lam, q = _eigh(stacked + epsilon * eye)
         lam_min = lam.min(dim=-1, keepdim=True).values
         lam = torch.where(lam_min < epsilon, lam - lam_min + epsilon, lam)
-        result = (q * lam.pow(-1.0 / float(root)).unsqueeze(-2)) @ q.transpose(-2, -1)  # type: ignore[arg-type]
+        scaled = q * lam.pow(-1.0 / float(root)).unsqueeze(-2)  # type: ignore[arg-type]
         for j, i in enumerate(idx):
-            out[i] = result[j]
+            # One 2-D product per matrix (batched matmul rounds differently from the reference's ``mm``, and with
+            # epsilon=1e-12 a nearly singular factor turns any rounding difference into a visible one).
+            out[i] = scaled[j] @ q[j].T
     return out  # type: ignore[return-value]
 
 
@@ -252,6 +272,7 @@ def apply_along_dims(
     matrices: Sequence[Sequence[Tensor]],
     preconditioned: Sequence[Sequence[bool]],
     transpose: bool = False,
+    batched: bool = True,
 ) -> list[Tensor]:
     r"""Multiply each block along each of its preconditioned dims by that dim's matrix.
 
@@ -261,6 +282,8 @@ def apply_along_dims(
     (SOAP's ``project_back``). Dims without a matrix are left as they are. Same-shape blocks with the same pattern
     are stacked: one ``bmm`` per dim.
     """
+    if not batched:  # the literal reference: Distributed Shampoo's tensordot, rotating the dims, block by block
+        return [_apply_literal(b, m, f, transpose) for b, m, f in zip(blocks, matrices, preconditioned)]
     out: list[Tensor | None] = [None] * len(blocks)
     for (shape, *_), idx in _buckets(blocks, [tuple(p) for p in preconditioned]).items():
         x = torch.stack([blocks[i] for i in idx])
@@ -277,6 +300,16 @@ def apply_along_dims(
         for j, i in enumerate(idx):
             out[i] = x[j]
     return out  # type: ignore[return-value]
+
+
+def _apply_literal(block: Tensor, matrices: Sequence[Tensor], flags: Sequence[bool], transpose: bool) -> Tensor:
+    mats = iter(matrices)
+    for on in flags:
+        if on:
+            block = torch.tensordot(block, next(mats), dims=([0], [1 if transpose else 0]))
+        else:
+            block = block.permute(*range(1, block.dim()), 0)
+    return block
 
 
 def block_norms(blocks: Sequence[Tensor]) -> list[Tensor]:

@@ -22,6 +22,7 @@ from .rmsprop import RMSProp, RMSprop
 from .rprop import Rprop
 from .schedule_free import AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree
 from .sgd import SGD
+from .shampoo import Shampoo
 from .stable import StableAdamW
 from .tadam import TAdam
 
@@ -65,6 +66,7 @@ __all__ = [
     "Rprop",
     "SGD",
     "SGDScheduleFree",
+    "Shampoo",
     "SparseAdam",
     "StableAdamW",
     "TAdam",
