@@ -315,3 +315,32 @@ def _apply_literal(block: Tensor, matrices: Sequence[Tensor], flags: Sequence[bo
 def block_norms(blocks: Sequence[Tensor]) -> list[Tensor]:
     """The Frobenius norm of each block (0-d tensors), one ``torch._foreach_norm`` for all."""
     return list(torch._foreach_norm(list(blocks))) if blocks else []
+
+
+def qr_power_iteration(
+    matrices: Sequence[Tensor], bases: Sequence[Tensor], batched: bool = True
+) -> tuple[list[Tensor], list[Tensor]]:
+    r"""An approximate eigenbasis refresh (SOAP's): one power iteration from the previous eigenvectors, then QR.
+
+    .. math::
+        P = A Q,\qquad \hat\lambda = \mathrm{diag}(Q^\top A Q),\qquad
+        Q \leftarrow \mathrm{QR}(P_{:, \sigma})_Q \quad (\sigma \text{ sorts } \hat\lambda \text{ decreasingly})
+
+    Returns the new bases and each one's column order :math:`\sigma` (what was kept in the old basis follows it).
+    Ties keep their order (a stable sort). The QR runs in at least float32 (``qr`` has no half-precision kernel);
+    same-shape matrices are one batch.
+    """
+    new: list[Tensor | None] = [None] * len(matrices)
+    orders: list[Tensor | None] = [None] * len(matrices)
+    for idx in _buckets(matrices, batched=batched).values():
+        a = torch.stack([matrices[i] for i in idx])
+        q = torch.stack([bases[i] for i in idx])
+        product = torch.bmm(a, q)
+        estimates = (q * product).sum(dim=1)
+        order = torch.argsort(estimates, dim=-1, descending=True, stable=True)
+        power = product.gather(2, order.unsqueeze(1).expand_as(product))
+        wide = torch.float32 if power.dtype in (torch.bfloat16, torch.float16) else power.dtype
+        result = torch.linalg.qr(power.to(wide))[0].to(q.dtype)
+        for j, i in enumerate(idx):
+            new[i], orders[i] = result[j], order[j]
+    return new, orders  # type: ignore[return-value]

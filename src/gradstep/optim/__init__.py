@@ -23,6 +23,7 @@ from .rprop import Rprop
 from .schedule_free import AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree
 from .sgd import SGD
 from .shampoo import Shampoo
+from .soap import SOAP
 from .stable import StableAdamW
 from .tadam import TAdam
 
@@ -67,6 +68,7 @@ __all__ = [
     "SGD",
     "SGDScheduleFree",
     "Shampoo",
+    "SOAP",
     "SparseAdam",
     "StableAdamW",
     "TAdam",
