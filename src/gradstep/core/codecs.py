@@ -51,6 +51,7 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_map",
     "encode",
+    "part_slice",
     "part_templates",
     "nearest_codes_reference",
     "quantization_map",
@@ -319,6 +320,23 @@ def decode(codec: str, parts: dict[str, Tensor], signed: bool, shape: torch.Size
 
 PART_SUFFIXES = ("", "_scale", "_ecc")
 """Suffixes of the state keys of a coded buffer's parts (the codes under the buffer's own key)."""
+
+SLICE_ALIGN = 256
+"""Slices of a coded buffer (:func:`part_slice`) start and stop at multiples of this many elements: whole blocks of
+every codec, whole bytes of int4."""
+
+
+def part_slice(codec: str, suffix: str, part: Tensor, start: int, stop: int) -> Tensor:
+    """The piece of a contiguous stored part that codes elements ``start:stop`` of the flattened buffer (a view).
+
+    ``start`` is a multiple of :data:`SLICE_ALIGN`, ``stop`` one or the buffer's size (a whole number of blocks).
+    """
+    if suffix == "_scale":
+        block = BLOCK_SIZES[codec]
+        return part[start // block : stop // block]
+    if codec == "int4" and suffix == "":
+        return part.view(-1)[start // 2 : stop // 2]
+    return part.view(-1)[start:stop]
 
 
 def convert_state_codec(optimizer: Any, state_dict: Mapping[str, Any]) -> dict[str, Any]:

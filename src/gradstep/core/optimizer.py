@@ -630,9 +630,15 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             return
         # Eager temporaries are as large as what one call sees: bound them by stepping the group in chunks (a coded
         # state is decoded chunk by chunk too, so no full-precision copy of the whole state exists at once).
-        for run in _chunks(plan.sizes or [p.numel() for p in plan.views], group["chunk_numel"]):
+        limit = group["chunk_numel"]
+        # An element-wise chain steps a coded parameter larger than a chunk slice by slice (per-tensor non-finite
+        # policies look at whole tensors, so they keep whole ones).
+        sliceable = all(t.elementwise for t in self._transforms) and group["nonfinite"] not in ("zero", "revert")
+        for run in _chunks(plan.sizes or [p.numel() for p in plan.views], limit):
             if any(coded):
                 step = functools.partial(coded_group_step, group["state_codec"], _take(coded, run))
+                if sliceable and len(run) == 1 and limit > 0 and plan.views[run[0]].numel() > limit:
+                    step = functools.partial(sliced_coded_step, group["state_codec"], _take(coded, run), limit)
             step(
                 hypers,
                 zero,
@@ -814,6 +820,61 @@ def coded_group_step(
                     state[key + suffix].copy_(part)
             elif state.get(key) is not value:
                 state[key] = value
+
+
+def sliced_coded_step(
+    codec: str,
+    coded: list[list[tuple[str, bool]]],
+    limit: int,
+    group: dict[str, Any],
+    zero: dict[str, Any],
+    transforms: Sequence[Transform],
+    views: TensorList,
+    raw_grads: TensorList,
+    states: list[dict[str, Any]],
+    dtypes: list[torch.dtype],
+    opt_args: list[dict[str, Any] | None],
+    names: list[str],
+) -> None:
+    """:func:`coded_group_step` of one parameter of more than ``limit`` elements, for an element-wise chain: slice by
+    slice of about ``limit`` elements (whole blocks), so that no full-precision copy of its whole state exists.
+
+    Buffers shaped like the parameter are sliced (views: the math updates them in place); per-tensor state (the
+    ``step`` count, other scalars) is stepped by every slice from a copy of its value before the step, and the last
+    slice's value is kept. Non-contiguous tensors cannot be sliced into views: such a parameter is stepped whole.
+    """
+    (view,), (state,), (keys,), grad = views, states, coded, raw_grads[0]
+    parts = {key + suffix: suffix for key, _ in keys for suffix in codecs.PART_SUFFIXES if key + suffix in state}
+    whole = {k for k, v in state.items() if k not in parts and isinstance(v, Tensor) and v.shape == view.shape}
+    if not all(t.is_contiguous() for t in [view, *(state[k] for k in [*parts, *whole])]):
+        coded_group_step(codec, coded, group, zero, transforms, views, raw_grads, states, dtypes, opt_args, names)
+        return
+    flat_view, flat_grad = view.view(-1), grad.reshape(-1)
+    size = max(limit // codecs.SLICE_ALIGN, 1) * codecs.SLICE_ALIGN
+    piece: dict[str, Any] = {}
+    for start in range(0, view.numel(), size):
+        stop = min(start + size, view.numel())
+        piece = {}
+        for k, v in state.items():
+            if k in parts:
+                piece[k] = codecs.part_slice(codec, parts[k], v, start, stop)
+            elif k in whole:
+                piece[k] = v.view(-1)[start:stop]
+            else:
+                piece[k] = v.clone() if isinstance(v, Tensor) else v
+        given = dict(piece)
+        one_slice = ([flat_view[start:stop]], [flat_grad[start:stop]], [piece])
+        coded_group_step(codec, coded, group, zero, transforms, *one_slice, dtypes, opt_args, names)
+        for k in given.keys() & (parts.keys() | whole):
+            if piece[k] is not given[k]:  # replaced rather than updated in place
+                given[k].copy_(piece[k])
+    for k, v in piece.items():
+        if k in parts or k in whole:
+            continue
+        if isinstance(v, Tensor) and isinstance(state.get(k), Tensor) and state[k].shape == v.shape:
+            state[k].copy_(v)
+        else:
+            state[k] = v
 
 
 def _write_step(
