@@ -17,6 +17,7 @@ from .muon import Muon
 from .nadam import NAdam
 from .nero import NeroPlus
 from .normuon import NorMuon
+from .psgd import PSGDKron
 from .radam import QHAdam, RAdam
 from .rmsprop import RMSProp, RMSprop
 from .rprop import Rprop
@@ -57,6 +58,7 @@ __all__ = [
     "NAdam",
     "NeroPlus",
     "NorMuon",
+    "PSGDKron",
     "Prodigy",
     "QHAdam",
     "RAdamScheduleFree",
