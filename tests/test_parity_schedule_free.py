@@ -55,7 +55,7 @@ def run_both_modes(reference: Any, mine: Any, config: Config, steps: int = 200) 
 def _state_of(opt: Any, p: Tensor, key: str) -> Tensor:
     """A state tensor of ``p``: the optimizer's own, or (a wrapper) its inner optimizer's."""
     state = opt.state[p]
-    return state[key] if key in state else state["inner"][key]
+    return state[key] if key in state else opt.inner.state[p][key]
 
 
 def run_built(

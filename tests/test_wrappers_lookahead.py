@@ -448,7 +448,7 @@ def assert_unchanged(before: dict[str, Any], opt: torch.optim.Optimizer) -> None
         assert state.keys() == after["state"][pid].keys()
         assert torch.equal(state["slow_param"], after["state"][pid]["slow_param"])
         assert torch.equal(state["fast_steps"], after["state"][pid]["fast_steps"])
-        assert torch.equal(state["inner"]["momentum_buffer"], after["state"][pid]["inner"]["momentum_buffer"])
+        assert torch.equal(state["inner.momentum_buffer"], after["state"][pid]["inner.momentum_buffer"])
 
 
 def without_gradstep_entry(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -465,31 +465,39 @@ def test_state_dict_holds_the_inner_state_and_the_counter_per_parameter() -> Non
     assert sd["param_groups"] == inner_sd["param_groups"]  # the wrapper's groups are the inner optimizer's
     assert set(sd["state"]) == set(inner_sd["state"]) == {0, 1, 2}
     for pid, entry in sd["state"].items():
-        assert set(entry) == {"slow_param", "fast_steps", "inner"}
+        assert set(entry) == {"slow_param", "fast_steps", "inner.step", "inner.exp_avg", "inner.exp_avg_sq"}
         assert entry["fast_steps"].dtype == torch.int64 and int(entry["fast_steps"]) == 5
-        assert entry["inner"].keys() == inner_sd["state"][pid].keys() == {"step", "exp_avg", "exp_avg_sq"}
-        for key, value in entry["inner"].items():
-            assert torch.equal(value, inner_sd["state"][pid][key])
+        assert inner_sd["state"][pid].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for key, value in inner_sd["state"][pid].items():
+            assert torch.equal(entry[f"inner.{key}"], value)
     assert sd["gradstep"]["inner_extra"] == {"gradstep": {"optimizer": "Adam", "global_step": 5}}
 
 
-def test_the_live_state_lists_the_counter_and_shows_the_inner_state() -> None:
+def test_the_live_state_lists_the_counter_and_the_inner_state_as_tensors() -> None:
     params = params_of()
     opt = Lookahead(gradstep.SGD(params, lr=0.1, momentum=0.9), k=3)
     drive(opt, params, range(1, 3))
     for p in params:
-        assert set(opt.state[p]) == {"slow_param", "fast_steps", "inner"}
+        assert set(opt.state[p]) == {"slow_param", "fast_steps", "inner.step", "inner.momentum_buffer"}
+        assert all(isinstance(v, Tensor) for v in opt.state[p].values())
         assert int(opt.state[p]["fast_steps"]) == opt.fast_steps == 2
-    # The view follows the inner optimizer's state, also once it was replaced.
+        assert opt.state[p]["inner.momentum_buffer"] is opt.inner.state[p]["momentum_buffer"]
+    # Every entry clones and deep-copies like any optimizer's state.
+    cloned = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    copied = copy.deepcopy(opt)
+    for q, c in zip(copied.param_groups[0]["params"], cloned):
+        assert copied.state[q]["inner.momentum_buffer"] is copied.inner.state[q]["momentum_buffer"]
+        assert all(torch.equal(c[k], v) for k, v in copied.state[q].items())
+    # The wrapper's load refreshes the entries from the inner optimizer's new state.
     other = params_of()
-    source = gradstep.SGD(other, lr=0.1, momentum=0.9)
+    source = Lookahead(gradstep.SGD(other, lr=0.1, momentum=0.9), k=3)
     drive(source, other, range(1, 5))
-    opt.inner.load_state_dict(source.state_dict())
+    opt.load_state_dict(source.state_dict())
     for p, q in zip(params, other):
-        assert opt.state[p]["inner"]["momentum_buffer"] is opt.inner.state[p]["momentum_buffer"]
-        assert torch.equal(opt.state[p]["inner"]["momentum_buffer"], source.state[q]["momentum_buffer"])
-    drive(opt, params, range(3, 4))
-    assert int(opt.state[params[0]]["fast_steps"]) == 3
+        assert opt.state[p]["inner.momentum_buffer"] is opt.inner.state[p]["momentum_buffer"]
+        assert torch.equal(opt.state[p]["inner.momentum_buffer"], source.state[q]["inner.momentum_buffer"])
+    drive(opt, params, range(5, 6))
+    assert int(opt.state[params[0]]["fast_steps"]) == 5
 
 
 DCP_BUILDERS = ("lookahead-torch-adamw", "lookahead-pullback", "scout", "ranger")
@@ -518,7 +526,7 @@ def test_distributed_checkpoint_state_dicts_resume_bitwise(name: str, flatten: b
     saved = get_optimizer_state_dict(torch.nn.ParameterList(source_params), source, options=options)
     assert "gradstep" not in saved and "inner" not in saved
     if not flatten:
-        assert {"slow_param", "fast_steps", "inner"} <= set(saved["state"]["0"])
+        assert {"slow_param", "fast_steps", "inner.step"} <= set(saved["state"]["0"])
     resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in source_params]
     resumed = build(resumed_params)
     set_optimizer_state_dict(torch.nn.ParameterList(resumed_params), resumed, saved, options=options)
@@ -829,8 +837,9 @@ def test_init_state_and_clear_state() -> None:
     opt = Scout(gradstep.SGD(params, lr=0.1, momentum=0.9), k=3)
     opt.init_state()
     stats = {"prev_param", "delta_mean", "delta_m2", "delta_max", "delta_min"}
-    assert all(set(opt.state[p]) == {"slow_param", "fast_steps", "inner", *stats} for p in params)
-    assert all("momentum_buffer" in opt.inner.state[p] and "momentum_buffer" in opt.state[p]["inner"] for p in params)
+    inner = {"inner.step", "inner.momentum_buffer"}
+    assert all(set(opt.state[p]) == {"slow_param", "fast_steps", *inner, *stats} for p in params)
+    assert all(opt.state[p]["inner.momentum_buffer"] is opt.inner.state[p]["momentum_buffer"] for p in params)
     drive(opt, params, range(1, 3))
     opt.clear_state()
     assert opt.fast_steps == 0 and not opt.state and not opt.inner.state and opt.inner.global_step == 0

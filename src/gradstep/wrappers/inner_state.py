@@ -1,22 +1,26 @@
 """The state machinery of wrappers that keep per-parameter state beside their inner optimizer's.
 
-:class:`StatefulWrapper` is what Lookahead and Scout share and any such wrapper can build on: the wrapper's own
-tensors per parameter (``state[p]``), a live view of the inner optimizer's state of the parameter
-(``state[p]["inner"]``), a step counter (``state[p]["fast_steps"]``), validated settings, and one torch-style
-state_dict that merges the wrapper's state with the inner optimizer's, with every check on loading done before
-anything is modified. The algorithm (what the own tensors are and how a step changes them) is the subclass's.
+:class:`StatefulWrapper` is what Lookahead, Scout and the schedule-free wrapper share and any such wrapper can build
+on: the wrapper's own tensors per parameter (``state[p]``), the inner optimizer's state of the parameter under
+``"inner.<key>"`` (the inner optimizer's own tensors, refreshed by every step and load of the wrapper), a step counter
+(``state[p]["fast_steps"]``), validated settings, and one torch-style state_dict that merges the wrapper's state with
+the inner optimizer's, with every check on loading done before anything is modified. The algorithm (what the own
+tensors are and how a step changes them) is the subclass's.
 
-The state_dict layout (per parameter id: the wrapper's tensors, ``"fast_steps"`` and ``"inner"``; the inner
-optimizer's ``"param_groups"``; a ``"gradstep"`` entry with the settings) is what ``torch.distributed.checkpoint``
-carries, flattened or not: DCP keeps per-parameter state only, and its flattened form loads only the keys the live
-state lists, which is why the live state shows ``"inner"`` and ``"fast_steps"`` too.
+Every entry of ``state[p]`` is a tensor or a plain value, as in every optimizer's state: it clones, deep-copies and
+saves like them. The state_dict holds the same keys per parameter id (``"inner.exp_avg"``, ...), the inner
+optimizer's ``"param_groups"`` and a ``"gradstep"`` entry with the settings. That is what
+``torch.distributed.checkpoint`` carries, flattened or not: DCP keeps per-parameter state only, and its flattened form
+loads only the keys the live state lists, which is why the live state lists the inner optimizer's keys too. State
+dicts of earlier releases (the inner optimizer's state of a parameter as a nested dict under ``"inner"``, or its whole
+state_dict under a top-level ``"inner"``) load too, converted.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from copy import deepcopy
 from typing import Any, ClassVar
 
@@ -25,45 +29,51 @@ from torch import Tensor
 
 from .base import WrapperBase, copy_tensors
 
-__all__ = ["FAST_STEPS", "INNER", "StatefulWrapper"]
+__all__ = ["FAST_STEPS", "INNER", "INNER_PREFIX", "StatefulWrapper"]
 
 INNER = "inner"
-"""State key of the inner optimizer's state of the parameter (a live view; a nested dict in the state_dict)."""
+"""State key of the inner optimizer's state of a parameter as a nested dict (state dicts of earlier releases)."""
+INNER_PREFIX = "inner."
+"""Prefix of the state keys that hold the inner optimizer's state of a parameter (``"inner.exp_avg"``)."""
 FAST_STEPS = "fast_steps"
 """State key of the step counter :attr:`StatefulWrapper.fast_steps` (a 0-d int64 tensor, the same for every
 parameter)."""
 
 
-class _InnerState(Mapping[str, Any]):
-    """The inner optimizer's state of one parameter, read live (``wrapper.state[p]["inner"]``).
+def _flat_inner(state: Mapping[str, Any], prefix: str = INNER_PREFIX) -> dict[str, Any]:
+    """The inner optimizer's state of a parameter under prefixed keys (a nested dict's keys joined with ".")."""
+    flat: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat_inner(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
-    It shows ``wrapper.inner.state[p]`` as it is now, also after the inner optimizer's state was replaced. The wrapper's
-    state lists it (and ``fast_steps``) so that it names every key the state_dict holds for the parameter:
-    ``torch.distributed.checkpoint``'s flattened optimizer state dicts load only the keys the live optimizer's state
-    has (``StateDictOptions(flatten_optimizer_state_dict=True)``).
-    """
 
-    __slots__ = ("_optimizer", "_param")
+def _nested_inner(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The inner optimizer's state of a parameter from its ``"inner.*"`` keys (the inverse of :func:`_flat_inner`)."""
+    nested: dict[str, Any] = {}
+    for key, value in entry.items():
+        if not (isinstance(key, str) and key.startswith(INNER_PREFIX)):
+            continue
+        *path, last = key[len(INNER_PREFIX) :].split(".")
+        at = nested
+        for part in path:
+            at = at.setdefault(part, {})
+            if not isinstance(at, dict):
+                raise ValueError(f"the inner state key {key!r} nests under a value that is not a dict")
+        at[last] = value
+    return nested
 
-    def __init__(self, optimizer: torch.optim.Optimizer, param: Tensor) -> None:
-        self._optimizer = optimizer
-        self._param = param
 
-    def _now(self) -> Mapping[str, Any]:
-        state = self._optimizer.state.get(self._param)
-        return state if isinstance(state, Mapping) else {}
+def _is_inner_key(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith(INNER_PREFIX)
 
-    def __getitem__(self, key: str) -> Any:
-        return self._now()[key]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._now())
-
-    def __len__(self) -> int:
-        return len(self._now())
-
-    def __repr__(self) -> str:
-        return f"inner state {dict(self._now())!r}"
+def _is_linked(key: Any) -> bool:
+    """A key a wrapper's live state shows besides its own tensors (the counter, the inner optimizer's state)."""
+    return key in (INNER, FAST_STEPS) or _is_inner_key(key)
 
 
 def _mergeable(inner_sd: Any, groups: list[dict[str, Any]]) -> dict[Any, dict[str, Any]] | None:
@@ -144,9 +154,33 @@ class StatefulWrapper(WrapperBase):
         return set()
 
     def _link(self, p: Tensor, state: dict[str, Any]) -> None:
-        """Add the entries a tracked parameter's state shows besides the wrapper's own tensors."""
-        state[INNER] = _InnerState(self._inner, p)
+        """Add the entries a tracked parameter's state shows besides the wrapper's own tensors: the step counter and
+        the inner optimizer's state of ``p`` (its own tensors, under ``"inner.<key>"``)."""
         state[FAST_STEPS] = self._steps_tensor
+        inner = self._inner.state.get(p)
+        fresh = _flat_inner(inner) if isinstance(inner, Mapping) else {}
+        for key in [k for k in state if isinstance(k, str) and k.startswith(INNER_PREFIX) and k not in fresh]:
+            del state[key]
+        state.update(fresh)
+
+    def _with_state(self) -> set[int]:
+        """The ids of the parameters that have state now (for :meth:`_forget_state_since`)."""
+        return {id(k) for k, v in self.state.items() if isinstance(k, Tensor) and v}
+
+    def _forget_state_since(self, had_state: set[int]) -> None:
+        """Undo what a refused or skipped step created: the state of the parameters that had none before (their
+        first-step copies), and the empty entries the inner optimizer's state got by being read (a defaultdict)."""
+        for key in [k for k in self.state if isinstance(k, Tensor) and id(k) not in had_state]:
+            del self.state[key]
+        inner_state = self._inner.state
+        for key in [k for k, v in inner_state.items() if isinstance(v, Mapping) and not v]:
+            del inner_state[key]
+
+    def _relink(self) -> None:
+        """Refresh every tracked parameter's ``"inner.*"`` entries (after the inner optimizer stepped or loaded)."""
+        for p, state in self.state.items():
+            if isinstance(p, Tensor) and state:
+                self._link(p, state)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -160,8 +194,8 @@ class StatefulWrapper(WrapperBase):
     def state_dict(self) -> dict[str, Any]:
         """The state of the wrapper and of the inner optimizer, as one torch-style state_dict (see the class docstring).
 
-        Keys: ``"state"`` (per parameter id: the wrapper's tensors, ``"fast_steps"`` and ``"inner"``, the inner
-        optimizer's state of that parameter), ``"param_groups"`` (the inner optimizer's, as torch packs them) and
+        Keys: ``"state"`` (per parameter id: the wrapper's tensors, ``"fast_steps"`` and the inner optimizer's state
+        of that parameter under ``"inner.<key>"``), ``"param_groups"`` (the inner optimizer's, as torch packs them) and
         ``"gradstep"`` (which wrapper saved it, the inner optimizer's class, ``fast_steps``, the settings, and what
         else the inner optimizer's state_dict held: gradstep's ``global_step``). An inner optimizer whose state_dict is
         not laid out as torch's is kept whole under a top-level ``"inner"`` instead (the earlier layout), which
@@ -186,7 +220,7 @@ class StatefulWrapper(WrapperBase):
     def _merged_state_dict(self, packed: dict[str, Any]) -> dict[str, Any]:
         # Entries a hook put in .state under other keys than parameters (torch allows it) are kept as they are.
         own = {
-            pid: {k: v for k, v in s.items() if k not in (INNER, FAST_STEPS)} if isinstance(s, dict) else s
+            pid: {k: v for k, v in s.items() if not _is_linked(k)} if isinstance(s, dict) else s
             for pid, s in packed["state"].items()
         }
         inner_sd = self._inner.state_dict()
@@ -201,7 +235,7 @@ class StatefulWrapper(WrapperBase):
                 continue
             entry = dict(own.get(pid, {}))
             if inner_state.get(pid):
-                entry[INNER] = inner_state[pid]
+                entry.update(_flat_inner(inner_state[pid]))
             if entry:  # every parameter with state carries the counter: DCP keeps nothing but per-parameter state
                 entry[FAST_STEPS] = torch.tensor(self._counters["fast_steps"], dtype=torch.int64)
             state[pid] = entry
@@ -257,7 +291,7 @@ class StatefulWrapper(WrapperBase):
                 "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
             )
         own_keys = self._state_keys({**self._settings, **settings})
-        allowed = own_keys if earlier else own_keys | {INNER, FAST_STEPS}
+        allowed = own_keys if earlier else own_keys | {INNER, FAST_STEPS}  # and "inner.*" keys (not earlier)
         required = self._required_keys()
         own: dict[Any, dict[str, Any]] = {}
         inner_state: dict[Any, dict[str, Any]] = {}
@@ -267,7 +301,7 @@ class StatefulWrapper(WrapperBase):
                 raise ValueError(f"{me} cannot load this state_dict: the state of parameter {pid} is not a dict")
             # An empty dict stands for a key the checkpoint lacks (DCP's flattened form rebuilds every live key).
             entry = {k: v for k, v in entry.items() if not (isinstance(v, dict) and not v)}
-            extra = sorted(set(entry) - allowed)
+            extra = sorted(k for k in set(entry) - allowed if earlier or not _is_inner_key(k))
             if extra:
                 raise ValueError(
                     f"{me} cannot load this state_dict: state of parameter {pid} has {', '.join(map(str, extra))}, "
@@ -275,17 +309,14 @@ class StatefulWrapper(WrapperBase):
                 )
             mine = {k: v for k, v in entry.items() if k in own_keys}
             missing = sorted(required - set(mine))
-            if missing and (mine or entry.get(INNER)):  # a parameter the inner optimizer stepped has them all
+            inner_entry = self._inner_entry(pid, entry)
+            if missing and (mine or inner_entry):  # a parameter the inner optimizer stepped has them all
                 raise ValueError(
                     f"{me} cannot load this state_dict: state of parameter {pid} lacks {', '.join(missing)} "
                     f"(was it saved by another wrapper?)"
                 )
-            if INNER in entry:
-                if not isinstance(entry[INNER], dict):
-                    raise ValueError(
-                        f"{me} cannot load this state_dict: the inner state of parameter {pid} is not a dict"
-                    )
-                inner_state[pid] = entry[INNER]
+            if inner_entry:
+                inner_state[pid] = inner_entry
             if FAST_STEPS in entry:
                 count = _saved_count(entry[FAST_STEPS])
                 if count is None:
@@ -309,6 +340,19 @@ class StatefulWrapper(WrapperBase):
                 "param_groups": saved_groups,
             }
         return settings, counts.pop() if counts else 0, own, inner_sd
+
+    def _inner_entry(self, pid: Any, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """The inner optimizer's state of a parameter in a saved entry: its ``"inner.*"`` keys, or the nested dict of
+        earlier releases under ``"inner"`` (converted: both forms load)."""
+        nested = entry.get(INNER, {})
+        if not isinstance(nested, dict):
+            raise ValueError(
+                f"{type(self).__name__} cannot load this state_dict: the inner state of parameter {pid} is not a dict"
+            )
+        try:
+            return {**nested, **_nested_inner(entry)}
+        except ValueError as exc:
+            raise ValueError(f"{type(self).__name__} cannot load this state_dict: parameter {pid}: {exc}") from None
 
     def _check_own_tensors(self, own: dict[Any, dict[str, Any]], saved_groups: list[dict[str, Any]]) -> None:
         """Each of the wrapper's own entries is a finite floating-point tensor shaped like its parameter."""

@@ -7,13 +7,9 @@ on them. The wrapper keeps *slow* weights :math:`\phi` (a copy of the parameters
 .. math::
     \phi \leftarrow \phi + \alpha\,(\theta - \phi),\qquad \theta \leftarrow \phi .
 
-**Pullback momentum** (pytorch_optimizer's ``pullback_momentum``). At a synchronisation with rate r, the inner
-optimizer's momentum buffers b (the state keys listed in ``momentum_keys``) are zeroed (``"reset"``) or pulled back
-like the weights (``"pullback"``): :math:`b \leftarrow \beta + r\,(b - \beta)`, :math:`\beta \leftarrow b`, with slow
-buffers β that start at zero.
-
-**ranger** (fastai's recipe; Wright, 2019): fastai's RAdam (Liu et al., 2020, "On the Variance of the Adaptive
-Learning Rate and Beyond", arXiv:1908.03265) inside Lookahead(k=6, alpha=0.5).
+**Pullback momentum** (pytorch_optimizer's ``pullback_momentum``): at a synchronisation the inner optimizer's
+momentum buffers are zeroed or pulled back like the weights (:mod:`gradstep.wrappers.pullback`). fastai's ``ranger``
+(:mod:`gradstep.wrappers.ranger`) is fastai's RAdam inside Lookahead(k=6, alpha=0.5).
 
 Scout (:mod:`gradstep.wrappers.scout`) is Lookahead with a rate read from the period's updates. The state
 machinery both share (the inner optimizer's state, the merged state_dict, the checks on loading) is
@@ -30,16 +26,16 @@ import torch
 from torch import Tensor
 
 from ..core.hooks import step_without_global_hooks
-from ..core.hypers import REQUIRED, one_of, unit_interval_closed
+from ..core.hypers import one_of, unit_interval_closed
 from ..core.ops import FOREACH
 from ..core.registry import Entry, register
 from .base import build_inner
 from .inner_state import StatefulWrapper
+from .pullback import PULLBACK_MODES, add_slow_buffers, pull_back
 
-__all__ = ["SLOW_COPY_MODES", "PULLBACK_MODES", "Lookahead", "ranger"]
+__all__ = ["SLOW_COPY_MODES", "PULLBACK_MODES", "Lookahead"]
 
 SLOW_COPY_MODES = ("first_step", "construction")
-PULLBACK_MODES = ("none", "reset", "pullback")
 SLOW = "slow_param"
 """State key of a parameter's slow copy."""
 
@@ -110,17 +106,18 @@ class Lookahead(StatefulWrapper):
     State: each parameter's slow copy (``state[p]["slow_param"]``, fp32 for half-precision parameters; with
     ``"pullback"`` also ``"slow_<key>"`` for each momentum buffer) lives in the wrapper's ``state``, with the step
     counter (``state[p]["fast_steps"]``, a 0-d int64 tensor shared by all parameters; :attr:`fast_steps` as an int)
-    and a live view of the inner optimizer's state of ``p`` (``state[p]["inner"]``, which is
-    ``wrapper.inner.state[p]``). A parameter that never had a gradient gets no state and is never synchronised (with
-    ``"first_step"``).
+    and the inner optimizer's state of ``p`` under ``"inner.<key>"`` (``state[p]["inner.exp_avg"]`` is
+    ``wrapper.inner.state[p]["exp_avg"]``, the same tensor, refreshed by every step and load of the wrapper). Every
+    entry is a tensor or a plain value, as in any optimizer's state. A parameter that never had a gradient gets no
+    state and is never synchronised (with ``"first_step"``).
 
-    ``state_dict()`` is laid out as torch's: ``"state"`` holds, per parameter, the wrapper's tensors,
-    ``"fast_steps"`` and the inner optimizer's state under ``"inner"`` (a nested dict; ``"inner.exp_avg"`` once
-    flattened); ``"param_groups"`` are the inner optimizer's groups. ``torch.distributed.checkpoint``
-    (``get/set_optimizer_state_dict``, flattened or not) keeps all of it; the extra ``"gradstep"`` entry it drops
-    holds which wrapper saved the dict and the settings (``k``, ``alpha``, ...), which a load without it leaves as
-    they are. The state_dict loads with ``torch.load(weights_only=True)``; state dicts of the earlier layout (the
-    inner optimizer's whole state_dict under a top-level ``"inner"``) load too.
+    ``state_dict()`` is laid out as torch's, with the same keys per parameter as the live state; ``"param_groups"``
+    are the inner optimizer's groups. ``torch.distributed.checkpoint`` (``get/set_optimizer_state_dict``, flattened
+    or not) keeps all of it; the extra ``"gradstep"`` entry it drops holds which wrapper saved the dict and the
+    settings (``k``, ``alpha``, ...), which a load without it leaves as they are. The state_dict loads with
+    ``torch.load(weights_only=True)``; state dicts of earlier releases (the inner state of each parameter as a
+    nested dict under ``"inner"``, or the inner optimizer's whole state_dict under a top-level ``"inner"``) load
+    too, converted.
 
     When the inner optimizer is a gradstep optimizer that skipped a step (``nonfinite="skip"``), the step is not
     counted either.
@@ -279,7 +276,7 @@ class Lookahead(StatefulWrapper):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One step of the inner optimizer (with ``closure``, if given); every k-th step ends with a sync."""
-        had_state = {id(k) for k, v in self.state.items() if isinstance(k, Tensor) and v}
+        had_state = self._with_state()
         if self.slow_copy == "first_step":
             self._track(self._params_with_grad())
             if closure is not None and any(SLOW not in self.state.get(p, ()) for p in self._all_params()):
@@ -295,12 +292,8 @@ class Lookahead(StatefulWrapper):
             self._forget_state_since(had_state)
             return loss  # the inner optimizer skipped this step (non-finite gradients): nothing happened
         self._after_inner_step()
+        self._relink()
         return loss
-
-    def _forget_state_since(self, had_state: set[int]) -> None:
-        """Drop the state of the parameters that had none before this step (their first-step slow copies)."""
-        for key in [k for k in self.state if isinstance(k, Tensor) and id(k) not in had_state]:
-            del self.state[key]
 
     @torch.no_grad()
     def _after_inner_step(self) -> None:
@@ -336,72 +329,10 @@ class Lookahead(StatefulWrapper):
         self._pull_back(tracked, rate)
 
     def _add_slow_buffers(self, tracked: list[tuple[Tensor, dict[str, Any]]]) -> None:
-        """Give each inner momentum buffer that exists its slow buffer ("pullback"), zero until the next sync.
-
-        Created when the buffer appears, not at the first sync, so that a parameter's state lists every key it will
-        hold from then on: DCP's flattened state dicts load only the keys the live state has.
-        """
-        for p, state in tracked:
-            inner_state = self._inner.state.get(p)
-            if not inner_state:
-                continue
-            for key in self.momentum_keys:
-                buf = inner_state.get(key)
-                if isinstance(buf, Tensor) and f"slow_{key}" not in state:
-                    state[f"slow_{key}"] = torch.zeros_like(buf)
+        add_slow_buffers(self._inner, tracked, self.momentum_keys)
 
     def _pull_back(self, tracked: list[tuple[Tensor, dict[str, Any]]], rate: float) -> None:
-        mode = self.pullback_momentum
-        if mode == "none":
-            return
-        for p, state in tracked:
-            inner_state = self._inner.state.get(p)
-            if not inner_state:
-                continue
-            for key in self.momentum_keys:
-                buf = inner_state.get(key)
-                if not isinstance(buf, Tensor):
-                    continue
-                if mode == "reset":
-                    buf.zero_()
-                    continue
-                slow_key = f"slow_{key}"
-                if slow_key not in state:
-                    state[slow_key] = torch.zeros_like(buf)
-                buf.lerp_(state[slow_key], 1.0 - rate)  # pytorch_optimizer's form of slow + rate * (buf - slow)
-                state[slow_key].copy_(buf)
-
-    # --- checkpoints --------------------------------------------------------------------------------------------
-
-
-def ranger(
-    params: Any,
-    lr: float | Tensor,
-    betas: tuple[float, float] = (0.95, 0.99),
-    eps: float = 1e-6,
-    weight_decay: float = 0.01,
-    k: int = 6,
-    alpha: float = 0.5,
-    **options: Any,
-) -> Lookahead:
-    """fastai's ``ranger``: fastai's RAdam (decoupled weight decay, torch-style eps) inside ``Lookahead(k, alpha)``.
-
-    fastai's names map to these: ``mom`` is ``betas[0]``, ``sqr_mom`` is ``betas[1]``, ``wd`` is ``weight_decay``;
-    ``beta`` (SAdam) and ``weight_decay_mode="coupled"`` (fastai's ``decouple_wd=False``) pass to RAdam, and
-    ``slow_copy``/``pullback_momentum`` to Lookahead. The slow weights are copied at the first step, as fastai does.
-    Registered as ``ranger``.
-    """
-    return Lookahead(
-        params,
-        k,
-        alpha,
-        inner="fastai_radam",
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        **options,
-    )
+        pull_back(self._inner, tracked, self.momentum_keys, self.pullback_momentum, rate)
 
 
 _LOOKAHEAD = "Zhang, Lucas, Hinton & Ba, 2019. Lookahead Optimizer: k steps forward, 1 step back. arXiv:1907.08610"
@@ -416,7 +347,7 @@ _WRAPPER_INVALID: tuple[tuple[dict[str, Any], str], ...] = (
     ({"slow_copy": "never"}, "slow_copy"),
     ({"pullback_momentum": "yes"}, "pullback_momentum"),
 )
-for _entry in (
+register(
     Entry(
         "lookahead",
         Lookahead,
@@ -426,23 +357,17 @@ for _entry in (
         preset={"inner": "sgd"},
         example={"lr": 5e-2, "momentum": 0.9, "weight_decay": 0.01},
         invalid=_WRAPPER_INVALID + (({"lr": -1.0}, "lr"),),
-    ),
-    Entry(
-        "ranger",
-        Lookahead,
-        "fastai's ranger: fastai's RAdam (betas (0.95, 0.99), eps 1e-6, wd 0.01) inside Lookahead(6, 0.5)",
-        _LOOKAHEAD + "; Liu et al., 2020. On the Variance of the Adaptive Learning Rate and Beyond. arXiv:1908.03265",
-        ("fastai.optimizer (2.8.12) ranger",),
-        preset={"inner": "fastai_radam", "lr": REQUIRED, "betas": (0.95, 0.99), "eps": 1e-6, "weight_decay": 0.01},
-        example={"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.02},
-        invalid=(({"lr": -1.0}, "lr"), ({"k": 0}, "k"), ({"betas": (1.5, 0.99)}, "betas")),
-    ),
-):
-    register(_entry)
+    )
+)
 
 
 def __getattr__(name: str) -> Any:
-    # Scout lived in this module before it got its own: the old import path keeps working for one release.
+    # ranger and Scout lived in this module before they got their own: the old import paths keep working (Scout's
+    # for one release, with a warning).
+    if name == "ranger":
+        from .ranger import ranger
+
+        return ranger
     if name == "Scout":
         import warnings
 

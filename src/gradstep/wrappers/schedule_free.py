@@ -82,8 +82,8 @@ class ScheduleFreeWrapper(StatefulWrapper):
         ...     w.grad = 2 * w.detach()
         ...     _ = opt.step()
         >>> opt.eval()  # w is now x, the average: evaluate or save it
-        >>> sorted(opt.state[w])  # z (the wrapper's), the inner optimizer's state, the step count
-        ['fast_steps', 'inner', 'z']
+        >>> sorted(opt.state[w])  # z (the wrapper's) and the step count; plain SGD keeps no "inner.<key>" state
+        ['fast_steps', 'z']
         >>> opt.train()  # back to y before the next steps
     """
 
@@ -176,6 +176,7 @@ class ScheduleFreeWrapper(StatefulWrapper):
                 "ScheduleFreeWrapper is in eval mode: call opt.train() before training steps (and opt.eval() before "
                 "evaluating or saving the model)"
             )
+        had_state = self._with_state()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -198,9 +199,11 @@ class ScheduleFreeWrapper(StatefulWrapper):
             step_without_global_hooks(self._inner, None)
         except BaseException:
             self._back_to_y(active)  # a refused step (nonfinite="error"): the parameters are y again
+            self._forget_state_since(had_state)
             raise
         if skipped is not None and getattr(self._inner, "skipped_steps", None) != skipped:
             self._back_to_y(active)
+            self._forget_state_since(had_state)
             return loss
         with torch.no_grad():
             k = self._counters["fast_steps"]
@@ -215,6 +218,7 @@ class ScheduleFreeWrapper(StatefulWrapper):
                     interpolate(p, z, ckp1)
                     interpolate(p, z, 1 - momentum)  # x -> y
         self._set_fast_steps(self._counters["fast_steps"] + 1)
+        self._relink()
         return loss
 
     @torch.no_grad()
