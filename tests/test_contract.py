@@ -129,9 +129,6 @@ EXPECTED_DIFFERENCES: dict[tuple[str, str], str] = {
     "reads as tensors; test_parity_lbfgs.py loads torch's state_dict and resumes to the bit",
     ("lbfgs", "set_hyper"): "LBFGS has no validated set_hyper (a NaN lr is stored)",
     ("sparseadam", "torch_state_dict"): "the dict's step is a float; SparseAdam's sparse path is not checked here yet",
-    ("muon", "error_inputs"): "one of torch's Muon construction errors is not raised",
-    ("muon", "torch_state_dict_6"): "with ns_coefficients (3.4, -4.7, 2.0) the resumed run departs from torch's "
-    "by ~7e-6 (float64)",
     ("lbfgs", "complex"): "LBFGS accepts complex parameters at construction while its capabilities say it does not",
     ("mars", "generic_errors"): "MARS converts lr to a number before the check: a 2-element tensor lr fails with "
     "torch's conversion message, not one naming lr",

@@ -167,7 +167,7 @@ def test_batch_mode_orthogonalizes_each_matrix_of_a_3d_weight() -> None:
 
 def test_flatten_mode_treats_a_conv_weight_as_its_2d_reshape() -> None:
     (w,) = make_params([(6, 3, 3, 3)])
-    (got,) = _one_step([w])
+    (got,) = _one_step([w], tensor_mode="flatten")
     want = _reference_step(w.detach().reshape(6, -1), torch.sin(3 * w.detach()).reshape(6, -1))
     torch.testing.assert_close(got, want.reshape(6, 3, 3, 3), rtol=1e-12, atol=1e-12)
 
@@ -211,8 +211,52 @@ def test_same_shape_matrices_run_as_one_batch(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(matrix, "newton_schulz", counting)
     params = make_params([(16, 8)] * 12 + [(8, 16)] * 12 + [(5, 7)])
     _one_step(params)
-    # Tall matrices go through their transpose, so 24 matrices of 8x16 make one batch.
-    assert sorted(batches) == [(1, 5, 7), (24, 8, 16)]
+    # Tall matrices go through their transpose, so 24 matrices of 8x16 make one batch; the 5x7 matrix, alone in its
+    # shape, goes through torch's 2-D ops (newton_schulz_matrix).
+    assert batches == [(24, 8, 16)]
+
+
+def test_a_matrix_alone_is_orthogonalized_in_bfloat16_to_torchs_bit() -> None:
+    """CPU ``addmm`` rounds ``beta * C + alpha * A @ B`` once (a fused multiply-add), ``baddbmm`` rounds ``beta * C``
+    first: a bfloat16 result on a rounding tie then comes out one ulp apart (on an AVX-512 CPU, 5 of these 240 through a
+    batch of one), which a resumed run carries on. A matrix alone in its shape goes through torch's own ops, so it
+    matches torch bit for bit."""
+    for coefficients in (NS_COEFFICIENTS, (3.4, -4.7, 2.0)):
+        gen = torch.Generator().manual_seed(0)
+        for k in range(120):
+            shape = [(3, 4), (5, 2)][k % 2]
+            grad = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 * torch.rand((), generator=gen)
+            want = torch_muon._zeropower_via_newtonschulz(grad, coefficients, 5, 1e-7)
+            (got,) = matrix.orthogonalize([grad], coefficients, 5, 1e-7, torch.bfloat16)
+            assert torch.equal(got, want.to(torch.float64)), (coefficients, k)
+
+
+def test_bfloat16_runs_match_torch_to_the_bit_one_matrix_per_shape() -> None:
+    """torch.optim.Muon (bfloat16 iteration, float64 parameters) and gradstep's default, 30 steps, both paths."""
+    shapes = ((5, 2), (3, 4), (6, 6))
+    for foreach in (True, False):
+        ref = make_params(shapes)
+        mine = [p.detach().clone().requires_grad_() for p in ref]
+        ref_opt = torch.optim.Muon(ref, lr=0.02, ns_coefficients=(3.4, -4.7, 2.0))
+        opt = gradstep.Muon(mine, lr=0.02, ns_coefficients=(3.4, -4.7, 2.0), foreach=foreach)
+        for t in range(30):
+            for i, (p, q) in enumerate(zip(ref, mine)):
+                p.grad = torch.sin(3 * p.detach() + t + i) + 0.3 * p.detach()
+                q.grad = torch.sin(3 * q.detach() + t + i) + 0.3 * q.detach()
+            ref_opt.step()
+            opt.step()
+        for p, q in zip(ref, mine):
+            assert relative_difference(p, q) <= 1e-13  # lr * (s * O) against (lr * s) * O: float64 rounding only
+
+
+def test_tensors_of_three_or_more_dims_are_refused_by_default_as_torch() -> None:
+    w = torch.nn.Parameter(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"parameter 'conv.weight' has shape \(2, 3, 4\).*tensor_mode"):
+        gradstep.Muon([{"params": [w], "param_names": ["conv.weight"]}])
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        torch.optim.Muon([w])
+    for mode in ("flatten", "batch"):
+        gradstep.Muon([w], tensor_mode=mode)
 
 
 def test_vectors_are_refused_naming_the_parameter() -> None:

@@ -379,6 +379,8 @@ class MuonAdamW(Partition):
     AdamW's lr is ``lr * adamw_lr_ratio`` (0.02 and 3e-4 in the Muon reference: a ratio of 0.015), with betas
     (0.9, 0.95) and eps 1e-10; both parts share ``weight_decay``. Given a model (or its parameters inside
     :class:`model_scope`), roles come from :func:`classify`; given bare tensors, 2+-dimensional ones are matrices.
+    Convolution weights (3+ dimensions) are orthogonalized as their ``(shape[0], rest)`` reshape, as the original
+    Muon code does (Muon's ``tensor_mode="flatten"``).
     """
 
     def __init__(
@@ -398,7 +400,9 @@ class MuonAdamW(Partition):
         if not 0 < adamw_lr_ratio:
             raise ValueError(f"Invalid adamw_lr_ratio: {adamw_lr_ratio!r} (must be a real number > 0)")
         parts: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
-            "matrix": lambda ps: Muon(ps, lr=lr, weight_decay=weight_decay, momentum=momentum, ns_dtype=ns_dtype),
+            "matrix": lambda ps: Muon(
+                ps, lr=lr, weight_decay=weight_decay, momentum=momentum, ns_dtype=ns_dtype, tensor_mode="flatten"
+            ),
             "elementwise": lambda ps: AdamW(
                 ps, lr=lr * adamw_lr_ratio, betas=betas, eps=eps, weight_decay=weight_decay
             ),

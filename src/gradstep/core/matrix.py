@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MatrixView", "matrix_views", "newton_schulz", "orthogonalize"]
+__all__ = ["MatrixView", "matrix_views", "newton_schulz", "newton_schulz_matrix", "orthogonalize"]
 
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -45,6 +45,24 @@ def newton_schulz(x: Tensor, coefficients: Sequence[Any], steps: int, eps: float
         gram = torch.bmm(x, x.transpose(-2, -1))
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, poly, x, beta=a)
+    return x
+
+
+def newton_schulz_matrix(x: Tensor, coefficients: Sequence[Any], steps: int, eps: float) -> Tensor:
+    """:func:`newton_schulz` of one ``(rows, cols)`` matrix through torch.optim.Muon's own 2-D ops (mm, addmm).
+
+    Same math as the batched iteration, but CPU ``addmm`` rounds ``beta * input + alpha * (A @ B)`` once (a fused
+    multiply-add in float32) where ``baddbmm`` rounds ``beta * input`` first: in bfloat16 a result that lands on a
+    tie between two bfloat16 numbers then rounds the other way (one bfloat16 ulp). With torch's ops, a matrix alone in
+    its shape bucket is orthogonalized to torch's bit.
+    """
+    schedule = [coefficients] if _is_triple(coefficients) else list(coefficients)
+    x = x / x.norm().clamp(min=eps)
+    for i in range(steps):
+        a, b, c = schedule[min(i, len(schedule) - 1)]
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
     return x
 
 
@@ -106,8 +124,9 @@ def orthogonalize(
     """The Newton–Schulz orthogonalization of each matrix, in ``dtype`` (None: each matrix's own), cast back.
 
     A tall matrix is orthogonalized through its transpose (the Gram matrix is then the smaller one). With ``batched``,
-    matrices of the same (wide) shape and dtype are stacked and run as one batch; otherwise one at a time (the
-    reference path: same math, one ``baddbmm`` chain per matrix).
+    matrices of the same (wide) shape and dtype are stacked and run as one batch (``baddbmm``: a bfloat16 result on a
+    rounding tie may come out one ulp from torch's, see :func:`newton_schulz_matrix`); otherwise, and for a matrix
+    alone in its bucket, one at a time with torch's 2-D ops (the reference path).
     """
     out: list[Tensor | None] = [None] * len(matrices)
     buckets: dict[tuple[object, ...], list[int]] = {}
@@ -118,9 +137,11 @@ def orthogonalize(
         key: tuple[object, ...] = (wide[i].shape, wide[i].dtype, wide[i].device) if batched else (i,)
         buckets.setdefault(key, []).append(i)
     for idx in buckets.values():
-        stacked = torch.stack([wide[i] for i in idx])
-        result = newton_schulz(stacked, coefficients, steps, eps)
-        for i, r in zip(idx, result.unbind(0)):
+        if len(idx) == 1:  # torch's 2-D ops: its rounding, to the bit
+            results = [newton_schulz_matrix(wide[idx[0]], coefficients, steps, eps)]
+        else:
+            results = list(newton_schulz(torch.stack([wide[i] for i in idx]), coefficients, steps, eps).unbind(0))
+        for i, r in zip(idx, results):
             m = matrices[i]
             r = r.transpose(0, 1) if m.shape[0] > m.shape[1] else r
             out[i] = r.to(m.dtype)

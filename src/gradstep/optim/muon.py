@@ -94,10 +94,11 @@ class EmaMomentum(Transform):
 class Orthogonalize(Transform):
     r"""Replace each matrix of the update by its Newton–Schulz orthogonalization, scaled by a shape factor.
 
-    Tensors of more than two dimensions are flattened to ``(shape[0], rest)`` (``tensor_mode="flatten"``) or read as
-    a batch of matrices over their last two dimensions (``"batch"``); with ``split_size`` each tensor is first cut
-    into blocks of that size along ``split_dim`` (fused QKV, heads), each orthogonalized on its own. ``split_size``
-    can be set per parameter through ``p.opt_args``. The scale :math:`s(A, B)` is read from each matrix's shape.
+    Tensors of more than two dimensions are flattened to ``(shape[0], rest)`` (``tensor_mode="flatten"``), read as
+    a batch of matrices over their last two dimensions (``"batch"``) or refused (``None``); with ``split_size`` each
+    tensor is first cut into blocks of that size along ``split_dim`` (fused QKV, heads), each orthogonalized on its
+    own. ``split_size`` can be set per parameter through ``p.opt_args``. The scale :math:`s(A, B)` is read from each
+    matrix's shape.
     """
 
     hypers = (
@@ -117,7 +118,12 @@ class Orthogonalize(Transform):
             "shape factor: sqrt(max(1, A/B)) (None, 'original') or 0.2 sqrt(max(A, B)) ('match_rms_adamw')",
         ),
         Hyper("ns_dtype", "bfloat16", one_of(None, *NS_DTYPES), "dtype of the iteration (None: the state's)"),
-        Hyper("tensor_mode", "flatten", one_of("flatten", "batch"), "tensors of 3+ dims: one flattened or a batch"),
+        Hyper(
+            "tensor_mode",
+            "flatten",
+            one_of(None, "flatten", "batch"),
+            "tensors of 3+ dims: one flattened matrix, a batch of matrices, or refused (None, as torch.optim.Muon)",
+        ),
         Hyper("split_size", None, _split_size, "cut each tensor into blocks of this size along split_dim first"),
         Hyper("split_dim", 0, _int, "the dimension split_size cuts"),
     )
@@ -138,8 +144,15 @@ class Orthogonalize(Transform):
     def check_group(self, group: dict[str, Any]) -> None:
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):
+            name = names[i] if names else f"parameter {i} of the group"
+            if p.dim() > 2 and group["tensor_mode"] is None:
+                label = f"parameter {names[i]!r}" if names else f"parameter {i} of the group"
+                raise ValueError(
+                    f"Invalid params: {label} has shape {tuple(p.shape)}, and with tensor_mode=None only 2-D "
+                    "parameters are taken (as torch.optim.Muon); pass tensor_mode='flatten' to orthogonalize it as "
+                    "one (shape[0], rest) matrix, or tensor_mode='batch' as a batch of matrices over its last two dims"
+                )
             if p.dim() < 2:
-                name = names[i] if names else f"parameter {i} of the group"
                 raise ValueError(
                     f"Invalid parameter {name} of shape {tuple(p.shape)}: a matrix optimizer takes tensors of 2 or "
                     "more dimensions (route vectors and scalars to an element-wise optimizer, see gradstep.partition)"
@@ -206,15 +219,19 @@ class Muon(ChainedOptimizer):
     .. warning::
         Differences from ``torch.optim.Muon`` (torch 2.13), whose every option is provided with its default:
 
-        * Tensors of 3 or more dimensions are accepted (torch: 2-D only): flattened to ``(shape[0], rest)`` as the
-          original Muon code does, or with ``tensor_mode="batch"`` as a batch of matrices (mixture-of-experts
-          weights). ``split_size``/``split_dim`` orthogonalize blocks of a fused weight separately. The scale
-          :math:`s` is read from each matrix so cut (torch: from ``shape[:2]``, the same for 2-D tensors).
+        * As torch, only 2-D parameters are taken by default (``tensor_mode=None``); with ``tensor_mode="flatten"``
+          tensors of 3 or more dimensions are flattened to ``(shape[0], rest)`` as the original Muon code does
+          (``gradstep.MuonAdamW`` sets it), with ``tensor_mode="batch"`` read as a batch of matrices
+          (mixture-of-experts weights). ``split_size``/``split_dim`` orthogonalize blocks of a fused weight
+          separately. The scale :math:`s` is read from each matrix so cut (torch: from ``shape[:2]``).
         * ``ns_dtype`` chooses the iteration's dtype; its default ``"bfloat16"`` is torch's (fixed there).
-        * The update is :math:`\text{lr}\cdot(s\,O_t)` where torch computes :math:`(\text{lr}\,s)\cdot O_t`, and the
-          norm of a batch is a per-matrix ``vector_norm``: the same math, rounded differently.
+        * The update is :math:`\text{lr}\cdot(s\,O_t)` where torch computes :math:`(\text{lr}\,s)\cdot O_t`: the
+          same math, rounded differently (below float64's ``1e-15``).
         * The step count ``step`` is kept per parameter (torch keeps no step); ``foreach=True`` (the default) batches
-          same-shape matrices, torch loops over parameters.
+          same-shape matrices (``baddbmm``), torch loops over parameters (``addmm``). A matrix alone in its shape,
+          and every matrix with ``foreach=False``, goes through torch's own 2-D ops and is orthogonalized to torch's
+          bit; in a batch, CPU ``baddbmm`` rounds ``b A + c A^2`` and ``a X + B X`` in two steps where ``addmm``
+          fuses them, so a bfloat16 result on a rounding tie can land one bfloat16 ulp from torch's.
 
     Example::
 
@@ -239,7 +256,7 @@ class Muon(ChainedOptimizer):
         adjust_lr_fn: str | None = None,
         *,
         ns_dtype: str | None = "bfloat16",
-        tensor_mode: str = "flatten",
+        tensor_mode: str | None = None,
         split_size: int | None = None,
         split_dim: int = 0,
         maximize: bool = False,
@@ -284,6 +301,7 @@ register(
             "ns_steps": 6,
             "adjust_lr_fn": "match_rms_adamw",
             "ns_dtype": None,
+            "tensor_mode": "flatten",
         },
         invalid=(
             ({"ns_steps": 0}, "ns_steps"),
