@@ -177,10 +177,21 @@ class StatefulWrapper(WrapperBase):
             del inner_state[key]
 
     def _relink(self) -> None:
-        """Refresh every tracked parameter's ``"inner.*"`` entries (after the inner optimizer stepped or loaded)."""
+        """Refresh every tracked parameter's ``"inner.*"`` entries (after the inner optimizer stepped or loaded).
+
+        A parameter whose inner state holds the same objects under the same keys as at its last refresh (the usual
+        case: optimizers update their tensors in place) is skipped: one tuple comparison instead of the dict work.
+        """
+        seen: dict[int, tuple[Any, ...]] = self.__dict__.setdefault("_linked", {})  # not pickled: rebuilt on use
+        inner_state = self._inner.state
         for p, state in self.state.items():
-            if isinstance(p, Tensor) and state:
+            if not isinstance(p, Tensor) or not state:
+                continue
+            inner = inner_state.get(p)
+            signature = (id(state), tuple(inner), tuple(map(id, inner.values()))) if inner else (id(state),)
+            if seen.get(id(p)) != signature:
                 self._link(p, state)
+                seen[id(p)] = signature
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
