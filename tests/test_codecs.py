@@ -276,26 +276,11 @@ def test_sliced_eager_step_matches_whole_tensor(entry: registry.Entry, codec: st
                 assert torch.equal(value, b.state[pb][key]), key
 
 
-def _peak_extra_bytes(step: Any, trace: Any) -> int:
-    """The most CPU memory torch held during ``step()`` above what it held before (the profiler's allocation
-    events, read from its Chrome trace)."""
-    import json
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    prof.export_chrome_trace(str(trace))
-    events = sorted(
-        (e for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"), key=lambda e: e["ts"]
-    )
-    before = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in events) - before
-
-
-def test_sliced_eager_step_bounds_peak_memory(tmp_path: Any) -> None:
+def test_sliced_eager_step_bounds_peak_memory() -> None:
     """The extra memory of an eager int8 AdamW step on a 2**20-element parameter is bounded by the slice, not by
     the parameter: a whole-tensor decode holds both moments in fp32 (8 MiB) and more."""
+    from gradstep.lab.bench_codecs import peak_extra_bytes
+
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(1024, 1024))
     p.grad = torch.randn_like(p)
@@ -303,7 +288,7 @@ def test_sliced_eager_step_bounds_peak_memory(tmp_path: Any) -> None:
     for chunk in (0, 1 << 16):
         opt = gradstep.AdamW([p], lr=1e-3, state_codec="int8", chunk_numel=chunk)
         opt.step()
-        peaks[chunk] = _peak_extra_bytes(opt.step, tmp_path / f"trace-{chunk}.json")
+        peaks[chunk] = peak_extra_bytes(opt.step)
     assert peaks[0] >= 8 << 20
     assert peaks[1 << 16] <= 2 << 20  # slices of 65536 elements: 256 KiB per fp32 buffer
 
