@@ -374,7 +374,7 @@ register(
         example={
             "lr": 0.02,
             "betas": (0.8, 0.99),
-            "epsilon": 1e-8,
+            "epsilon": 1e-3,  # float32 rounding of a rank-deficient factor is ~1e-7 of its norm: keep eps above it
             "momentum": 0.5,
             "weight_decay": 0.01,
             "max_preconditioner_dim": 8,
