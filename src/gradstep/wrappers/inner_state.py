@@ -109,8 +109,9 @@ class StatefulWrapper(WrapperBase):
 
     Subclasses call :meth:`_setup` in their constructor, declare their settings' checks in ``_SETTING_CHECKS`` (each
     returns a problem or None) and name their own state keys in :meth:`_state_keys` and :meth:`_required_keys`. A
-    parameter's state is created by the subclass, which then calls :meth:`_link` to add the live ``"inner"`` view and
-    the shared ``"fast_steps"`` counter to it.
+    parameter's state is created by the subclass, which then calls :meth:`_link` to add the inner optimizer's entries
+    (``"inner.<key>"``) and the shared ``"fast_steps"`` counter to it, and calls :meth:`_relink` after each step;
+    a refused or skipped step is undone with :meth:`_forget_state_since`.
     """
 
     _PICKLED: tuple[str, ...] = ("_inner", "state", "_settings", "_counters", "_steps_tensor")
