@@ -44,14 +44,16 @@ class NonFiniteError(FloatingPointError):
 
 
 def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
-    """A bool vector: whether every element of each tensor is finite (one multi-tensor pass, no sync).
+    """A bool vector: whether every element of each tensor is finite (one multi-tensor pass per dtype).
 
-    Read from each tensor's extremes, which NaN and infinities reach and which, unlike a sum, cannot overflow: a finite
-    gradient of huge elements (two of 3e38 in float32) is finite, a gradient with one NaN is not. On a GPU the
-    tensors of one dtype are read by one ``torch._foreach_norm(..., inf)`` (``max|x|``, NaN-propagating: one kernel
-    for hundreds of tensors instead of a launch per tensor); on the CPU, where that norm is not vectorised (about 8x
-    slower), by ``torch.aminmax`` per tensor. Sharded tensors (DTensors): the local answers are all-reduced, so every
-    rank gets the same flags.
+    On a GPU the tensors of one dtype are read by one ``torch._foreach_norm(..., inf)`` (``max|x|``, NaN-propagating:
+    one kernel for hundreds of tensors instead of a launch per tensor, and no host sync). On the CPU, where that norm
+    is not vectorised (about 8x slower than a sum), by one ``torch._foreach_norm(..., 2)``: a sum of squares, which
+    NaN and infinities reach, so a finite 2-norm proves a tensor finite. A non-finite 2-norm may also be an overflow
+    of finite elements (a float32 gradient of elements near 1e19): only those tensors are read again, exactly, by
+    their extremes (``torch.aminmax``), so a finite gradient of huge elements (two of 3e38) is finite and a gradient
+    with one NaN is not. Sharded tensors (DTensors): the local answers are all-reduced, so every rank gets the same
+    flags.
     """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
@@ -67,17 +69,32 @@ def _nonfinite_flags(xs: Sequence[Tensor]) -> Tensor:
         if x.numel():  # an empty tensor holds nothing non-finite (and has no infinity norm)
             buckets.setdefault((x.device, x.dtype), []).append(i)
     for (device, _), indices in buckets.items():
+        chosen = [xs[i] for i in indices]
         if device.type == "cuda":
-            extremes = torch.stack(torch._foreach_norm([xs[i] for i in indices], float("inf")))
+            bad = ~torch.isfinite(torch.stack(torch._foreach_norm(chosen, float("inf"))))
         else:
-            extremes = torch.stack([torch.stack(torch.aminmax(xs[i])) for i in indices])
-        bad = (~torch.isfinite(extremes)).reshape(len(indices), -1).any(dim=1)
-        flags[torch.tensor(indices, device=flags.device)] = bad.to(device=flags.device, dtype=torch.float32)
+            bad = _cpu_nonfinite(chosen)
+        if len(indices) == len(xs):
+            flags = bad.to(device=flags.device, dtype=torch.float32)
+        else:
+            flags[torch.tensor(indices, device=flags.device)] = bad.to(device=flags.device, dtype=torch.float32)
     return flags
 
 
+def _cpu_nonfinite(xs: list[Tensor]) -> Tensor:
+    """Whether each CPU tensor (one dtype) holds a non-finite element: one vectorised 2-norm pass, then the exact
+    extremes of the few tensors whose norm is not finite (a NaN or an infinity, or an overflow of finite squares).
+    The norms are float32 at least, so that half-precision gradients of ordinary size do not overflow them."""
+    wide = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    bad = ~torch.isfinite(torch.stack(torch._foreach_norm(xs, 2, dtype=wide)))
+    suspects = bad.nonzero().flatten().tolist()  # reading a CPU tensor costs no sync
+    for i in suspects:
+        bad[i] = not bool(torch.isfinite(torch.stack(torch.aminmax(xs[i]))).all())
+    return bad
+
+
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
-    """Index of the first tensor holding a non-finite element, or ``None`` (one host sync; exact).
+    """Index of the first tensor holding a non-finite element, or ``None`` (one pass per dtype, one host sync; exact).
 
     Sharded tensors (DTensors): the flags are all-reduced over the mesh, so every rank gets the same answer (and a
     ``"skip"`` skips on every rank).

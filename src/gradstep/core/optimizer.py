@@ -460,21 +460,26 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
 
     def _screen(self, plans: list[_Plan]) -> bool:
         """Apply the gradient side of the non-finite policy; False means: skip this step."""
-        for plan in plans:
-            policy = plan.group["nonfinite"]
-            if policy in ("error", "skip") and plan.grads:
-                # A sparse gradient is screened by the values it holds (uncoalesced: no sum of duplicates hides one).
-                bad = first_nonfinite([g._values() if g.is_sparse else g for g in plan.grads])
-                if bad is None:
-                    continue
-                if policy == "error":
-                    raise NonFiniteError(
-                        f"{type(self).__name__}: non-finite gradient in {plan.names[bad]}{rank_note()} "
-                        f"(nonfinite='error'; parameters and state were not modified). Use nonfinite='skip' "
-                        f"to skip such steps, or 'zero' to zero the bad gradients."
-                    )
-                return False
-        return True
+        screened = [plan for plan in plans if plan.group["nonfinite"] in ("error", "skip") and plan.grads]
+        if not screened:
+            return True
+        # Every screened group at once: one multi-tensor pass per dtype and one host sync per step. A sparse gradient
+        # is screened by the values it holds (uncoalesced: no sum of duplicates hides one).
+        bad = first_nonfinite([g._values() if g.is_sparse else g for plan in screened for g in plan.grads])
+        if bad is None:
+            return True
+        for plan in screened:  # the first group holding a bad gradient decides, by its own policy
+            if bad >= len(plan.grads):
+                bad -= len(plan.grads)
+                continue
+            if plan.group["nonfinite"] == "error":
+                raise NonFiniteError(
+                    f"{type(self).__name__}: non-finite gradient in {plan.names[bad]}{rank_note()} "
+                    f"(nonfinite='error'; parameters and state were not modified). Use nonfinite='skip' "
+                    f"to skip such steps, or 'zero' to zero the bad gradients."
+                )
+            break
+        return False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

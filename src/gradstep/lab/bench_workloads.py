@@ -16,6 +16,11 @@ included, is reported apart and skipped above ``--compiled-max-tensors`` tensors
 
     python -m gradstep.lab.bench_workloads                       # every workload (about 15 minutes on 2 cores)
     python -m gradstep.lab.bench_workloads --only tiny-600 --optimizers adamw
+    python -m gradstep.lab.bench_workloads --screen --only reference transformer-48   # the screen's cost alone
+
+``--screen`` measures what the default non-finite screen costs: the default optimizer and the same optimizer with
+``nonfinite="ignore"``, on two copies of the workload, stepped in alternation (one step of each per round, their order
+swapped every round), so that a loaded machine slows both alike. The ratio is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -111,6 +116,32 @@ def time_steps(factory: Factory, shapes: list[tuple[int, ...]], device: str, ste
     return statistics.median(times) * 1e3, first
 
 
+def screen_cost(name: str, shapes: list[tuple[int, ...]], device: str, rounds: int, warmup: int) -> dict[str, Any]:
+    """The default screen against ``nonfinite="ignore"``, stepped in alternation (see the module docstring)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    hypers = HYPERS[name]
+    screened = GRADSTEP[name](_params(shapes, device), **hypers)
+    unscreened = GRADSTEP[name](_params(shapes, device), **hypers, nonfinite="ignore")
+    times: dict[str, list[float]] = {"screened": [], "unscreened": []}
+    pair = [("screened", screened), ("unscreened", unscreened)]
+    for i in range(warmup + rounds):
+        for label, opt in pair if i % 2 == 0 else pair[::-1]:
+            sync()
+            start = time.perf_counter()
+            opt.step()
+            sync()
+            if i >= warmup:
+                times[label].append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times["screened"], times["unscreened"])]
+    return {
+        "optimizer": name,
+        "screened_ms": statistics.median(times["screened"]) * 1e3,
+        "unscreened_ms": statistics.median(times["unscreened"]) * 1e3,
+        "ratio": statistics.median(ratios),
+        "ratio_of_fastest": min(times["screened"]) / min(times["unscreened"]),
+    }
+
+
 def rows_for(
     name: str, shapes: list[tuple[int, ...]], device: str, steps: int, warmup: int, compiled: bool
 ) -> list[dict[str, Any]]:
@@ -175,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         default=100,
         help="time the compiled path only on workloads with at most this many tensors (default: 100)",
     )
+    parser.add_argument(
+        "--screen", action="store_true", help="time the default screen against nonfinite='ignore' (alternating)"
+    )
     parser.add_argument("--json", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -195,6 +229,16 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [],
         }
         for name in optimizers:
+            if args.screen:
+                row = screen_cost(name, shapes, args.device, args.steps, args.warmup)
+                entry["rows"].append(row)
+                print(
+                    f"{wname:15s} {name:6s} screened {row['screened_ms']:8.2f} ms, unscreened "
+                    f"{row['unscreened_ms']:8.2f} ms: x{row['ratio']:.3f} "
+                    f"(fastest steps x{row['ratio_of_fastest']:.3f})",
+                    flush=True,
+                )
+                continue
             compiled = len(shapes) <= args.compiled_max_tensors
             for row in rows_for(name, shapes, args.device, args.steps, args.warmup, compiled):
                 entry["rows"].append(row)
@@ -204,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         results["workloads"].append(entry)
-    print()
-    print(markdown(results))
+    if not args.screen:
+        print()
+        print(markdown(results))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
