@@ -416,9 +416,9 @@ class PSGDKron(ChainedOptimizer):
     integer. The first step scales the factors by :math:`(c\,(\mathrm{mean}\,g^4)^{-1/8})^{r}` (``c =
     precond_init_scale_scale``, ``r = precond_init_scale_power``, default 0.5; ``precond_init_scale`` fixes it).
 
-    Probes come from a ``torch.Generator`` per device seeded with ``seed`` (default 0, so every run and every rank
-    draws the same; give ``generator=`` to use your own); the generators' states are saved in ``state_dict()``, so a
-    resumed run draws what the uninterrupted one would.
+    Probes come from ``torch.Generator`` streams, one per device and shape of a stacked draw, seeded from ``seed``
+    (default 0, so every run and every rank draws the same) and that shape; ``generator=`` uses yours instead. Their
+    states are saved in ``state_dict()``, so a resumed run draws what the uninterrupted one would.
 
     Li, 2015. Preconditioned stochastic gradient descent. arXiv:1512.04202 (IEEE TNNLS 2018). — Li, 2018.
     Preconditioner on matrix Lie group for SGD. arXiv:1809.10232. Code: github.com/lixilinx/psgd_torch.
@@ -426,7 +426,8 @@ class PSGDKron(ChainedOptimizer):
     .. warning::
         Differences from heavyball 3.2.1's ``PSGDKron`` (defaults as there, except as listed):
 
-        * Probes are drawn from the optimizer's own seeded generator, not torch's global one.
+        * Probes are drawn from the optimizer's own seeded streams, not torch's global generator.
+        * The momentum weight :math:`(1-\beta)/(1-\beta^t)` is computed in float64 (heavyball: float32).
         * The factors are kept in the state dtype (the parameter's, float32 for half precision; heavyball:
           ``q_dtype="float32"``), as full triangular matrices (heavyball stores their upper triangle as a line); so are
           the running lower bounds (heavyball: float64).
