@@ -22,7 +22,14 @@ import torch
 from torch import Tensor
 
 import gradstep
-from gradstep.optim.psgd import max_eigenvalue, stream_key, stream_seed, triangular_dims, update_factors
+from gradstep.optim.psgd import (
+    KronPreconditioner,
+    max_eigenvalue,
+    stream_key,
+    stream_seed,
+    triangular_dims,
+    update_factors,
+)
 from parity import gradient, make_params, relative_difference, split_groups
 
 SHAPES = ((), (7,), (2, 3, 4, 5), (3, 4), (3, 40), (3, 4), (5, 1, 3), (6, 4))
@@ -167,6 +174,21 @@ def test_diagonal_factor_for_a_large_dimension() -> None:
     w.grad = torch.ones(3, 40)
     opt.step()
     assert opt.state[w]["Q_0"].shape == (3, 3) and opt.state[w]["Q_1"].shape == (40,)
+
+
+@pytest.mark.parametrize("schedule", [None, 0.3, (1.0, 0.2, 0.8, 3)], ids=str)
+def test_update_schedule_is_heavyballs(schedule: Any) -> None:
+    if isinstance(schedule, tuple):
+        reference: Any = hb_utils.precond_update_prob_schedule(*schedule)
+    else:
+        reference = schedule if schedule is not None else hb_utils.precond_update_prob_schedule()
+    counter: dict[str, Any] = {}
+    expected = [hb_utils.psgd_should_update(counter, reference) for _ in range(1500)]
+    kron = KronPreconditioner()
+    assert [kron.due(schedule, t) for t in range(1, 1501)] == expected
+    # groups at other step counts (one added 500 steps later) read the same schedule, each at its own count
+    mixed = KronPreconditioner()
+    assert [(mixed.due(schedule, t), mixed.due(schedule, max(1, t - 500)))[0] for t in range(1, 1501)] == expected
 
 
 # --- a float64 transcription of the factor update (Li's psgd_torch, with heavyball's lower bound) ---------------

@@ -254,7 +254,7 @@ class KronPreconditioner(Transform):
         self.seed = seed
         self.user_generator = generator
         self.generators: dict[str, torch.Generator] = {}  # "device|shape" -> the stream of that shape's probes
-        self._sums: dict[Any, tuple[int, float, float]] = {}  # schedule -> (step, C(step - 1), C(step))
+        self._sums: dict[Any, dict[int, tuple[float, float]]] = {}  # schedule -> {step: (C(step - 1), C(step))}
 
     def needs_whole_group(self, group: dict[str, Any]) -> bool:
         return True  # same-shape parameters form one batch, whatever their number
@@ -297,15 +297,18 @@ class KronPreconditioner(Transform):
 
     def due(self, schedule: Any, step: int) -> bool:
         """heavyball's deterministic 'probability': an update when the running sum of probabilities passes an
-        integer. Derived from the step count (no state to save): cached from one step to the next."""
+        integer. Derived from the step count (no state to save), advanced from the nearest step already summed."""
         key = tuple(schedule) if isinstance(schedule, list) else schedule
-        last, before, now = self._sums.get(key, (0, 0.0, 0.0))
-        if step != last:
-            if step != last + 1:
-                last, now = 0, 0.0
+        known = self._sums.setdefault(key, {})
+        if step not in known:
+            last = max((s for s in known if s < step), default=0)
+            before, now = known.get(last, (0.0, 0.0))
             while last < step:
                 last, before, now = last + 1, now, now + update_probability(schedule, last + 1)
-            self._sums[key] = (last, before, now)
+            known[step] = (before, now)
+            if len(known) > 16:  # the least recently summed step goes (groups at other counts re-add theirs)
+                del known[next(iter(known))]
+        before, now = known[step]
         return int(now) > int(before)
 
     def _init_scale(self, group: dict[str, Any], grads: Tensor) -> float:
