@@ -36,7 +36,7 @@ from pytorch_optimizer import Shampoo as PoShampoo
 from torch import Tensor
 
 import gradstep
-from example_helpers import one_torch_thread
+from example_helpers import one_torch_thread  # noqa: F401  (one_torch_thread: a fixture)
 from gradstep.core import kronecker
 from parity import gradient, make_params, relative_difference, split_groups, torch_groups
 from test_parity_adaptive import StateParity, run_with_state
@@ -44,7 +44,6 @@ from test_parity_adaptive import StateParity, run_with_state
 SHAPES: tuple[tuple[int, ...], ...] = ((), (7,), (2, 3, 2, 2), (3, 4), (10, 6))
 TOL = 1e-6
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small eigh/bmm kernels: two threads only fight
-_ = one_torch_thread
 STATE_MAP = {
     "factor_matrices": "factor_matrices",
     "inv_factor_matrices": "inv_factor_matrices",
@@ -366,7 +365,6 @@ def test_parity_with_distributed_shampoo_transcription(name: str, foreach: bool 
     )
     if common.get("epsilon", 1e-12) < 1e-6:
         result.states = {k: v for k, v in result.states.items() if not k.endswith("inv_factor_matrices")}
-    print(f"\n{name} (foreach={foreach}): {result.worst()}")
     result.assert_within(TOL)
 
 
