@@ -199,20 +199,27 @@ class ScaleByShampoo(Transform):
         if targets:
             torch._foreach_copy_(targets, kronecker.inverse_roots(sources, roots, group["epsilon"], batched))
 
-        directions = kronecker.apply_along_dims(_blocks(filtered, layouts), inverses, flags, batched=batched)
-        if grafted is not None:
-            graft_blocks = _blocks(grafted, layouts)
-            ratios = kronecker.block_norms(graft_blocks)
+        # Before start_preconditioning_step a grafted run steps with the grafting method alone (as the reference).
+        shampoo = [i for i in range(len(grads)) if grafted is None or steps[i] >= start]
+        chosen = [layouts[i] for i in shampoo]
+        mine = [b for b, i in enumerate(owner) if steps[i] >= start or grafted is None]
+        directions = kronecker.apply_along_dims(
+            _blocks([filtered[i] for i in shampoo], chosen),
+            [inverses[b] for b in mine],
+            [flags[b] for b in mine],
+            batched=batched,
+        )
+        if grafted is not None and directions:
+            ratios = kronecker.block_norms(_blocks([grafted[i] for i in shampoo], chosen))
             norms = kronecker.block_norms(directions)
             torch._foreach_add_(norms, 1e-16)
             torch._foreach_div_(ratios, norms)
             torch._foreach_mul_(directions, ratios)
-        out, b = [], 0
-        for i, layout in enumerate(layouts):
-            mine = directions[b : b + len(layout.slices)]
+        out: list[Tensor] = list(grafted) if grafted is not None else [None] * len(grads)  # type: ignore[list-item]
+        b = 0
+        for i, layout in zip(shampoo, chosen):
+            out[i] = layout.assemble(directions[b : b + len(layout.slices)])
             b += len(layout.slices)
-            before_start = grafted is not None and steps[i] < start  # the grafting method alone, as the reference
-            out.append(grafted[i] if before_start else layout.assemble(mine))  # type: ignore[index]
         return out
 
 
