@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 import gradstep
+from example_helpers import one_torch_thread  # noqa: F401  (one_torch_thread: a fixture)
 from gradstep.optim.psgd import (
     KronPreconditioner,
     max_eigenvalue,
@@ -31,6 +32,8 @@ from gradstep.optim.psgd import (
     update_factors,
 )
 from parity import gradient, make_params, relative_difference, split_groups
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: two threads only fight
 
 SHAPES = ((), (7,), (2, 3, 4, 5), (3, 4), (3, 40), (3, 4), (5, 1, 3), (6, 4))
 STEPS = 200
