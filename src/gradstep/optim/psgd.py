@@ -319,6 +319,7 @@ class KronPreconditioner(Transform):
         power = group["precond_init_scale_power"]
         return (float(torch.exp(-log_mean)) * group["precond_init_scale_scale"]) ** (0.5 if power is None else power)
 
+    @torch.compiler.disable  # random draws, triangular solves and branches on the step count: eager, as heavyball's
     def update(self, ctx: GroupStep, updates: TensorList) -> TensorList:
         group, count = ctx.group, len(updates)
         # Under FSDP2 every rank gathers the whole tensors, steps them alike (same probes) and keeps its rows.
