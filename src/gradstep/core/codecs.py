@@ -117,8 +117,8 @@ def _map_values(codec: str, signed: bool) -> tuple[float, ...]:
 
 
 def quantization_map(codec: str, signed: bool, device: Any = "cpu") -> Tensor:
-    """The float32 map of ``"int8"`` (256 entries) or ``"int4"`` (16 entries), signed or unsigned."""
-    return _tables(codec, signed, device).qmap
+    """The float32 map of ``"int8"`` (256 entries) or ``"int4"`` (16 entries), signed or unsigned (a copy)."""
+    return _tables(codec, signed, device).qmap.clone()
 
 
 def nearest_codes_reference(scaled: Tensor, qmap: Tensor) -> Tensor:
