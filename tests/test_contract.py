@@ -125,14 +125,6 @@ COUNTERPARTS = [i for i in INFOS if i.torch_cls is not None]
 # (entry name, check) -> why the entry does not meet it yet. Each is a strict xfail: the check must still fail for
 # that entry (a fix makes the test fail until its line here is removed), and every other entry must pass it.
 EXPECTED_DIFFERENCES: dict[tuple[str, str], str] = {
-    ("lbfgs", "torch_state_dict"): "LBFGS's state holds ints and lists (func_evals, old_dirs), which this check "
-    "reads as tensors; test_parity_lbfgs.py loads torch's state_dict and resumes to the bit",
-    ("lbfgs", "set_hyper"): "LBFGS has no validated set_hyper (a NaN lr is stored)",
-    ("sparseadam", "torch_state_dict"): "the dict's step is a float; SparseAdam's sparse path is not checked here yet",
-    ("lbfgs", "complex"): "LBFGS accepts complex parameters at construction while its capabilities say it does not",
-    ("mars", "generic_errors"): "MARS converts lr to a number before the check: a 2-element tensor lr fails with "
-    "torch's conversion message, not one naming lr",
-    ("adafactor", "torch_state_dict"): "gradstep's Adafactor keeps other state keys than torch.optim.Adafactor",
 }
 
 
@@ -466,10 +458,10 @@ def test_torch_state_dict_loads_and_resumes_like_torch(info: OptimizerInfo, conf
             assert opt.param_groups[0]["weight_decay_mode"] == ("decoupled" if config[key] else "coupled")
         else:
             assert opt.param_groups[0][key] == config[key], key
-    # The loaded state is torch's, to the bit.
+    # The loaded state is torch's, to the bit (tensors, and LBFGS's numbers and lists of tensors).
     for p, q in zip(params, mirror):
         for key, value in torch_opt.state[p].items():
-            assert torch.equal(opt.state[q][key].to(value.dtype), value), key
+            assert_same_state(opt.state[q][key], value, key)
     run(torch_opt, params, 20, start=4)
     run(opt, mirror, 20, start=4)
     for p, q in zip(params, mirror):
@@ -478,6 +470,18 @@ def test_torch_state_dict_loads_and_resumes_like_torch(info: OptimizerInfo, conf
     # and torch loads gradstep's dict back (float64 step counters included).
     back = info.torch_cls(clones(params), **config)
     back.load_state_dict(opt.state_dict())
+
+
+def assert_same_state(mine: Any, theirs: Any, key: str) -> None:
+    """A loaded state entry equals torch's: a tensor to the bit (in torch's dtype), a list entry by entry, else ==."""
+    if isinstance(theirs, Tensor):
+        assert isinstance(mine, Tensor) and torch.equal(mine.to(theirs.dtype), theirs), key
+    elif isinstance(theirs, list):
+        assert isinstance(mine, list) and len(mine) == len(theirs), key
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            assert_same_state(a, b, f"{key}[{i}]")
+    else:
+        assert mine == theirs, key
 
 
 def test_torch_flags_for_features_gradstep_lacks_are_refused() -> None:
@@ -628,11 +632,24 @@ def test_complex_params_step_as_real_pairs_or_are_refused_at_construction(info: 
     r = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
     oz, orr = build(info, [z]), build(info, [r])
     for t in range(3):
-        gz = torch.sin(z.detach() + t)
-        z.grad = gz
-        r.grad = torch.view_as_real(gz).clone()
-        oz.step()
-        orr.step()
+
+        def complex_closure(t: int = t) -> Tensor:
+            z.grad = torch.sin(z.detach() + t)
+            return (torch.view_as_real(z.detach()) ** 2).sum()
+
+        def real_closure(t: int = t) -> Tensor:
+            r.grad = torch.view_as_real(torch.sin(torch.view_as_complex(r.detach()) + t)).clone()
+            return (r.detach() ** 2).sum()
+
+        if info.entry.capabilities.closure_required:  # LBFGS: gradients at the points its line search tries
+            oz.step(complex_closure)
+            orr.step(real_closure)
+        else:
+            gz = torch.sin(z.detach() + t)
+            z.grad = gz
+            r.grad = torch.view_as_real(gz).clone()
+            oz.step()
+            orr.step()
     torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-6, atol=1e-6)
 
 

@@ -13,6 +13,7 @@ the runs agree to the bit in practice; the bound leaves room for another BLAS's 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -214,3 +215,121 @@ def test_torch_state_dict_loads_and_resumes_to_the_bit(line_search_fn: str | Non
     with pytest.raises(ValueError, match="'d'"):
         mine.load_state_dict(bad)
     assert all(torch.equal(a, b) for a, b in zip(before, mine.state[params[0]]["old_dirs"]))
+
+
+def _trained(hypers: dict[str, Any], steps: int = 3) -> tuple[LBFGS, list[Tensor]]:
+    params = make_params(SHAPES)
+    opt = LBFGS(params, **hypers)
+    for t in range(1, steps + 1):
+
+        def closure(t: int = t) -> Tensor:
+            opt.zero_grad()
+            loss = objective(params, t, 2.0)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return opt, params
+
+
+def _snapshot(opt: LBFGS) -> Any:
+    return copy.deepcopy((opt.state_dict(), [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def test_set_hyper_is_validated_and_a_refused_value_changes_nothing() -> None:
+    opt = LBFGS(make_params(SHAPES), lr=0.5)
+    for name, value in [("lr", float("nan")), ("lr", -1.0), ("history_size", 0), ("line_search_fn", "armijo")]:
+        before = dict(opt.param_groups[0])
+        with pytest.raises(ValueError, match=name):
+            opt.set_hyper(name, value)
+        assert opt.param_groups[0] == before
+    opt.set_hyper("lr", 0.25)
+    opt.set_hyper("line_search_fn", "strong_wolfe")
+    assert opt.param_groups[0]["lr"] == 0.25 and opt.param_groups[0]["line_search_fn"] == "strong_wolfe"
+
+
+def test_a_refused_state_dict_leaves_the_optimizer_bitwise_unchanged() -> None:
+    """Each entry of torch's mixed state (numbers, 0-d tensors, lists) is checked before anything is written."""
+    hypers = {"lr": 0.5, "max_iter": 4, "history_size": 3, "line_search_fn": "strong_wolfe"}
+    opt, _ = _trained(hypers)
+    source, _ = _trained(hypers, steps=5)
+    good = source.state_dict()
+    before = _snapshot(opt)
+    corruptions: list[tuple[str, str, Any]] = [
+        ("t", "t", float("nan")),
+        ("H_diag", "H_diag", torch.tensor(float("inf"))),
+        ("prev_loss", "prev_loss", "low"),
+        ("func_evals", "func_evals", -1),
+        ("n_iter", "n_iter", 2.5),
+        ("ro", "ro[0]", "x"),
+        ("ro", "ro", [torch.tensor(1.0)] * 4),  # longer than history_size
+        ("al", "al", [None]),  # shorter than the history
+        ("old_dirs", "old_dirs", []),
+        ("prev_flat_grad", "prev_flat_grad", None),
+    ]
+    for key, named, value in corruptions:
+        bad = copy.deepcopy(good)
+        if named.endswith("[0]"):
+            bad["state"][0][key][0] = value
+        else:
+            bad["state"][0][key] = value
+        bad["param_groups"][0]["lr"] = 0.123  # would show if the groups were written first
+        with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")):
+            opt.load_state_dict(bad)
+        assert _same(_snapshot(opt), before), key
+    opt.load_state_dict(good)
+    assert _same(opt.state_dict()["state"], good["state"])
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_a_tensor_lr_of_any_one_element_shape_steps_as_the_number(shape: tuple[int, ...]) -> None:
+    hypers = {"max_iter": 4, "history_size": 3}
+    number, number_params = _trained({**hypers, "lr": 0.5})
+    tensor, tensor_params = _trained({**hypers, "lr": torch.full(shape, 0.5)})
+    assert all(torch.equal(a, b) for a, b in zip(number_params, tensor_params))
+    with pytest.raises(ValueError, match="lr"):
+        LBFGS(make_params(SHAPES), lr=torch.tensor([0.5, 0.5]))
+
+
+def test_params_none_is_refused_naming_params() -> None:
+    with pytest.raises(TypeError, match="params"):
+        LBFGS(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="params"):
+        LBFGS(torch.zeros(3, requires_grad=True))
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_complex_parameters_step_as_torchs_to_the_bit(line_search_fn: str | None) -> None:
+    """Complex parameters are pairs of reals in the flat vector, as in torch.optim.LBFGS (which supports them)."""
+    gen = torch.Generator().manual_seed(3)
+    start = [
+        torch.randn(4, 3, dtype=torch.complex128, generator=gen),
+        torch.randn(5, dtype=torch.float64, generator=gen),
+    ]
+    sides = []
+    for cls in (torch.optim.LBFGS, LBFGS):
+        params = [p.clone().requires_grad_(True) for p in start]
+        opt = cls(params, lr=0.5, max_iter=5, history_size=4, line_search_fn=line_search_fn)
+        for t in range(1, 6):
+
+            def closure(opt: Any = opt, params: list[Tensor] = params, t: int = t) -> Tensor:
+                opt.zero_grad()
+                z, x = params
+                loss = ((z - 1j * t / 5).abs() ** 2).sum() + ((x - z.real[0, :1].sum()) ** 2).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        sides.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*sides))
+    assert not torch.equal(sides[1][0], start[0])

@@ -31,6 +31,7 @@ class Momentum(Transform):
     """
 
     elementwise = True
+    sparse_gradients = "accepted"  # as torch.optim.SGD: the (dense) buffer takes a sparse direction
     hypers = (
         Hyper("momentum", 0.0, momentum_factor, "momentum factor (in [0, 1])"),
         Hyper("dampening", 0.0, unit_interval_closed, "dampening of the new direction in the buffer"),
@@ -64,7 +65,7 @@ class Momentum(Transform):
             first = (ctx.steps == 1).to(torch.float64)
             ops.add_scaled_(buf, updates, ctx.per_param(first + (1 - first) * (1 - damp)))
         if ctx.hyper("nesterov"):
-            return ops.add(updates, ops.mul(buf, mu))
+            return ops.add(ops.mul(buf, mu), updates)  # dense + sparse: torch has no sparse + dense
         return buf
 
 
@@ -101,6 +102,7 @@ class SqrtStepDecay(Transform):
     r"""GoMLX SGD's step decay: the direction is divided by :math:`\sqrt{t}` when ``sqrt_step_decay`` is on."""
 
     elementwise = True
+    sparse_gradients = "accepted"
     hypers = (Hyper("sqrt_step_decay", False, boolean, "divide the step by sqrt(t) (GoMLX SGD)"),)
 
     def is_identity(self, group: dict[str, Any]) -> bool:

@@ -208,6 +208,12 @@ def _validated_param_state(
         # torch.optim.SGD does not count steps: a saved buffer means at least one step was taken.
         missing = []
         new["step"] = torch.tensor(1.0, dtype=STEP_DTYPE, device=p.device)
+    if foreign:
+        # torch.optim keeps no entry for a buffer that does not apply to the parameter (Adafactor's variance of a
+        # matrix, row_var and col_var of a vector), where gradstep keeps the key with None.
+        for key in [k for k in missing if k in templates and templates[k] is None]:
+            new[key] = None
+        missing = [k for k in missing if k not in new]
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)} (a state buffer {me} needs){hint}")
     for key, value in pstate.items():
@@ -241,11 +247,18 @@ _CODED_DTYPES = tuple(
 
 def _checked_buffer(where: str, key: str, value: Any, template: Any, p: Tensor) -> Any:
     if not isinstance(template, Tensor):
+        if template is None and value is not None:
+            raise ValueError(
+                f"{where}: {key} is {_describe(value)}, but {key} does not apply to a parameter of shape "
+                f"{tuple(p.shape)} (expected None)"
+            )
         if isinstance(value, Tensor) or type(value) is not type(template):
             raise ValueError(f"{where}: {key} is {_describe(value)}, expected a {type(template).__name__}")
         return deepcopy(value)
     if not isinstance(value, Tensor):
         raise ValueError(f"{where}: {key} is {_describe(value)}, expected a tensor of shape {tuple(template.shape)}")
+    if value.is_sparse and not template.is_sparse:
+        value = value.to_dense()  # torch.optim.SGD's momentum buffer of sparse gradients: the same values, dense
     if tuple(value.shape) != tuple(template.shape):
         raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(template.shape)}")
     if (

@@ -13,12 +13,14 @@ the gradient gathering go parameter by parameter.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ..core.groups import GroupToolsMixin
 from ..core.hypers import Hyper, non_negative, one_of
 from ..core.nonfinite import NonFiniteError
 from ..core.registry import Entry, register
@@ -66,7 +68,7 @@ class _Flat:
             view.add_(part, alpha=alpha)
 
 
-class LBFGS(torch.optim.Optimizer):
+class LBFGS(GroupToolsMixin, torch.optim.Optimizer):
     r"""L-BFGS (``torch.optim.LBFGS``): quasi-Newton steps from the last ``history_size`` curvature pairs.
 
     Each ``step(closure)`` runs up to ``max_iter`` iterations. With :math:`g_k` the flat gradient,
@@ -91,7 +93,9 @@ class LBFGS(torch.optim.Optimizer):
         0-d tensor (torch stores whichever its last iteration computed: the int 1, floats or 0-d tensors; the values
         are the same). bfloat16/float16 parameters keep float32 state (torch: their dtype).
         Additions: ``nonfinite`` ("error": a NaN/Inf gradient at the start of a step raises and changes nothing;
-        "skip": such a step is skipped; "ignore": torch's behaviour); sparse gradients are refused. As in torch, one
+        "skip": such a step is skipped; "ignore": torch's behaviour); sparse gradients are refused (torch densifies
+        them, while its own tests list LBFGS as not supporting them). Complex parameters are optimized as pairs of
+        reals, as torch does. ``set_hyper`` validates the value (a refused one changes nothing). As in torch, one
         param group only, and the closure is required. DTensor (FSDP2-sharded) parameters are refused: the line
         search compares loss values, which each rank's closure computes on its own data.
 
@@ -144,6 +148,13 @@ class LBFGS(torch.optim.Optimizer):
         if params is None or isinstance(params, Tensor):
             raise TypeError(f"params must be an iterable of Tensors or dicts, got {type(params).__name__}")
         super().__init__(params, defaults)
+
+    def declared_hypers(self) -> dict[str, Hyper]:
+        """The hyperparameters with their checks (read by ``set_hyper``)."""
+        return {hyper.name: hyper for hyper in HYPERS}
+
+    def _supports_complex(self) -> bool:
+        return True  # a complex parameter is a pair of reals in the flat vector (torch.view_as_real), as in torch
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self.param_groups:
@@ -334,7 +345,7 @@ class LBFGS(torch.optim.Optimizer):
             hyper.validate(group[hyper.name])
         params, flat = self._layout()
         saved = state_dict["state"].get(groups[0]["params"][0], {})
-        _check_state(saved, sum(flat.sizes))
+        _check_state(saved, sum(flat.sizes), group["history_size"])
         super().load_state_dict({"state": {}, "param_groups": [{**group, "params": groups[0]["params"]}]})
         self.state.clear()
         if saved:
@@ -346,16 +357,30 @@ _HISTORY = ("old_dirs", "old_stps")
 _KEYS = {"func_evals", "n_iter", "t", "ro", "H_diag", "prev_loss", "al", *_VECTORS, *_HISTORY}
 
 
-def _check_state(state: dict[str, Any], n: int) -> None:
-    """Refuse (``ValueError``) a saved LBFGS state that a step could not use."""
+def _check_state(state: dict[str, Any], n: int, history_size: int) -> None:
+    """Refuse (``ValueError``) a saved LBFGS state that a step could not use.
+
+    torch's state mixes tensors, Python numbers and lists (``t`` and ``H_diag`` are numbers or 0-d tensors, ``ro``
+    and ``al`` lists of 0-d tensors): each entry is checked for what the next step reads from it.
+    """
 
     def flat_vector(key: str, v: Any) -> None:
         if not isinstance(v, Tensor) or not v.is_floating_point() or v.shape != (n,) or not bool(v.isfinite().all()):
             raise ValueError(f"LBFGS: state {key!r} must be a finite floating-point vector of {n} elements")
 
+    def number(key: str, v: Any) -> None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = ok or (isinstance(v, Tensor) and v.dim() == 0 and v.is_floating_point())
+        if not ok or not math.isfinite(float(v)):
+            raise ValueError(f"LBFGS: state {key!r} must be a finite real number (or 0-d tensor), got {v!r}")
+
     unknown = set(state) - _KEYS
     if unknown:
         raise ValueError(f"LBFGS: unknown state {sorted(unknown)} (was this state_dict saved by another optimizer?)")
+    for key in ("func_evals", "n_iter"):
+        v = state.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"LBFGS: state {key!r} must be an int >= 0, got {v!r}")
     if "d" not in state and "prev_flat_grad" not in state:
         return  # no iteration yet (counters only)
     missing = {"t", "ro", "H_diag", "prev_loss", *_VECTORS, *_HISTORY} - set(state)
@@ -363,11 +388,24 @@ def _check_state(state: dict[str, Any], n: int) -> None:
         raise ValueError(f"LBFGS: the state lacks {sorted(missing)}")
     for key in _VECTORS:
         flat_vector(key, state[key])
+    for key in ("t", "H_diag", "prev_loss"):
+        number(key, state[key])
+    if not isinstance(state["ro"], list) or len(state["ro"]) > history_size:
+        raise ValueError(f"LBFGS: state 'ro' must be a list of at most history_size={history_size} entries")
+    for i, v in enumerate(state["ro"]):
+        number(f"ro[{i}]", v)
     for key in _HISTORY:
         if not isinstance(state[key], list) or len(state[key]) != len(state["ro"]):
             raise ValueError(f"LBFGS: state {key!r} must be a list as long as 'ro'")
         for i, v in enumerate(state[key]):
             flat_vector(f"{key}[{i}]", v)
+    al = state.get("al")
+    if al is not None:
+        if not isinstance(al, list) or len(al) < len(state["ro"]):
+            raise ValueError("LBFGS: state 'al' must be a list at least as long as 'ro'")
+        for i, v in enumerate(al):
+            if v is not None:
+                number(f"al[{i}]", v)
 
 
 register(

@@ -185,7 +185,9 @@ class MARS(ChainedOptimizer):
     ) -> None:
         if not isinstance(lr_1d, (int, float)) or isinstance(lr_1d, bool) or lr_1d < 0:
             raise ValueError(f"Invalid lr_1d: {lr_1d!r} (must be a non-negative number)")
-        if isinstance(lr, (int, float, torch.Tensor)) and float(lr) > 0:  # else lr is refused below, or 0: no ratio
+        # The ratio needs lr as a number: an invalid lr (a tensor of two elements, NaN, ...) is left to the core's
+        # check, which names it; lr = 0 has no ratio.
+        if non_negative(lr) is None and float(lr) > 0:
             options.setdefault("lr_1d_factor", lr_1d / float(lr))
         super().__init__(
             params,

@@ -26,6 +26,16 @@ __all__ = ["SGD"]
 class SGD(ChainedOptimizer):
     """SGD, a drop-in for ``torch.optim.SGD``; ``sqrt_step_decay=True`` divides the step by ``sqrt(t)`` (GoMLX).
 
+    Sparse gradients (``nn.Embedding(sparse=True)``) are stepped as torch steps them, plain, with momentum, dampening
+    or Nesterov; coupled ``weight_decay`` with a sparse gradient is refused, naming the parameter (torch fails there
+    with an internal ``add(sparse, dense)`` error), while ``weight_decay_mode="decoupled"`` works.
+
+    .. warning::
+        Differences from ``torch.optim.SGD`` with sparse gradients: the momentum buffer is dense (torch keeps a
+        sparse one; the values are the same, and a torch dict's sparse buffer loads densified), so with repeated
+        indices the buffer sums them before the step where torch adds them to the parameter one by one: the same
+        math, rounded differently.
+
     Example::
 
         >>> import torch, gradstep
