@@ -24,7 +24,7 @@ def test_flags_find_one_bad_element_anywhere(dtype: torch.dtype, where: int, val
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_huge_finite_gradients_are_finite(dtype: torch.dtype) -> None:
-    # Their sum of squares overflows: the quick norm is infinite, the exact re-read must clear them.
+    # Their sums overflow: the quick pass finds them infinite, the exact re-read must clear them.
     big = torch.finfo(dtype).max
     xs = [
         torch.full((2,), big, dtype=dtype),
@@ -38,7 +38,7 @@ def test_huge_finite_gradients_are_finite(dtype: torch.dtype) -> None:
 
 
 def test_half_precision_norms_do_not_overflow_into_a_reread(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 1e5 fp16 elements of 100: the fp16 norm (3.2e4 ... 6.5e4) would overflow; the screen's float32 norm does not.
+    # 1e5 fp16 elements of 100: an fp16 sum (1e7) would overflow; the screen's float32 sum does not.
     calls: list[int] = []
     original = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda x: calls.append(1) or original(x))

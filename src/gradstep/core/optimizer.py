@@ -463,7 +463,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         screened = [plan for plan in plans if plan.group["nonfinite"] in ("error", "skip") and plan.grads]
         if not screened:
             return True
-        # Every screened group at once: one multi-tensor pass per dtype and one host sync per step. A sparse gradient
+        # Every screened group at once: one read of the gradients and one host sync per step. A sparse gradient
         # is screened by the values it holds (uncoalesced: no sum of duplicates hides one).
         bad = first_nonfinite([g._values() if g.is_sparse else g for plan in screened for g in plan.grads])
         if bad is None:
