@@ -13,11 +13,13 @@ BAD = (float("nan"), float("inf"), float("-inf"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("where", [0, 17, 1022, 1023])  # first, inside a vector lane, the tail
+@pytest.mark.parametrize("where", [0, 17, 1022, 1023])  # first, inside a vector lane, the tail (or first again)
 @pytest.mark.parametrize("value", BAD)
-def test_flags_find_one_bad_element_anywhere(dtype: torch.dtype, where: int, value: float) -> None:
-    xs = [torch.randn(1023).to(dtype) for _ in range(3)] + [torch.randn(4, 5).to(dtype)]
-    xs[1].view(-1)[where % xs[1].numel()] = value
+@pytest.mark.parametrize("size", [1023, 5001])  # screened with the other small tensors, or alone
+def test_flags_find_one_bad_element_anywhere(dtype: torch.dtype, where: int, value: float, size: int) -> None:
+    xs = [torch.randn(1023).to(dtype), torch.randn(size).to(dtype), torch.randn(6000).to(dtype)]
+    xs += [torch.randn(4, 5).to(dtype)]
+    xs[1][where % size] = value
     assert finite_flags(xs).tolist() == [True, False, True, True]
     assert first_nonfinite(xs) == 1
 

@@ -81,12 +81,25 @@ def _nonfinite_flags(xs: Sequence[Tensor]) -> Tensor:
     return flags
 
 
+_SMALL = 4096
+"""Tensors of at most this many elements are screened together on the CPU (see :func:`_cpu_nonfinite`)."""
+
+
 def _cpu_nonfinite(xs: list[Tensor]) -> Tensor:
     """Whether each CPU tensor (one dtype) holds a non-finite element: one vectorised sum per tensor, then the exact
     extremes of the few tensors whose sum is not finite (a NaN or an infinity, or an overflow of finite elements).
     Half-precision tensors are summed in float32, so that gradients of ordinary size do not overflow their sums."""
     wide = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-    bad = ~torch.isfinite(torch.stack([x.sum(dtype=wide) for x in xs]))
+    small = [i for i, x in enumerate(xs) if x.numel() <= _SMALL]
+    sums = torch.empty(len(xs), dtype=wide)
+    if small:
+        # Small tensors (biases, norms' scales) are summed together, from one flat copy: hundreds of them cost a
+        # Python call each otherwise (600 tensors of 64 elements: 0.35 ms instead of 0.95 ms). Suspect together.
+        sums[small] = torch._utils._flatten_dense_tensors([xs[i] for i in small]).sum(dtype=wide)
+    if len(small) < len(xs):
+        large = [i for i, x in enumerate(xs) if x.numel() > _SMALL]
+        sums[large] = torch.stack([xs[i].sum(dtype=wide) for i in large])
+    bad = ~torch.isfinite(sums)
     suspects = bad.nonzero().flatten().tolist()  # reading a CPU tensor costs no sync
     for i in suspects:
         bad[i] = not bool(torch.isfinite(torch.stack(torch.aminmax(xs[i]))).all())
