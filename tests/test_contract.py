@@ -124,8 +124,7 @@ COUNTERPARTS = [i for i in INFOS if i.torch_cls is not None]
 
 # (entry name, check) -> why the entry does not meet it yet. Each is a strict xfail: the check must still fail for
 # that entry (a fix makes the test fail until its line here is removed), and every other entry must pass it.
-EXPECTED_DIFFERENCES: dict[tuple[str, str], str] = {
-}
+EXPECTED_DIFFERENCES: dict[tuple[str, str], str] = {}
 
 
 def expect(info: OptimizerInfo, check: str) -> Any:
