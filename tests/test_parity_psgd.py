@@ -1,8 +1,8 @@
 """PSGDKron against heavyball 3.2.1's PSGDKron, and against a float64 transcription of Li's Kronecker-factor update.
 
-Both sides draw their random probes from generators seeded alike: heavyball's ``dampen_grad`` (its only use of
-torch's global RNG on this path) is replaced by the same draw as gradstep's, from one ``torch.Generator`` per shape
-of a stacked draw (same-shape parameters stacked, one draw per stack), seeded from gradstep's seed and that shape.
+Both sides draw their random probes alike: heavyball's ``dampen_grad`` (its only use of torch's global RNG on this
+path) is replaced by the same draw as gradstep's, from a ``torch.Generator`` seeded by ``draw_seed`` with gradstep's
+seed, the shape of the stacked draw (same-shape parameters stacked, one draw per stack) and the draw's number.
 Everything else of heavyball runs as installed (eager: ``heavyball.utils.compile_mode = None``), in float64
 (``q_dtype``, ``storage_dtype``), but for the float32 debiasing weight (see ``_eager_heavyball``).
 """
@@ -25,9 +25,9 @@ import gradstep
 from example_helpers import one_torch_thread  # noqa: F401  (one_torch_thread: a fixture)
 from gradstep.optim.psgd import (
     KronPreconditioner,
+    draw_seed,
     max_eigenvalue,
     stream_key,
-    stream_seed,
     triangular_dims,
     update_factors,
 )
@@ -53,11 +53,14 @@ def _eager_heavyball(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _seeded_probes(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
-    streams: dict[str, torch.Generator] = {}
+    draws: dict[str, int] = {}
 
     def dampen_grad(g: Tensor, damp: float = 1e-9) -> tuple[Tensor, Tensor]:
-        key = stream_key(g.device, g.shape)  # one stream per shape of a stacked draw, seeded as gradstep's
-        gen = streams.setdefault(key, torch.Generator().manual_seed(stream_seed(seed, key.split("|")[1])))
+        # Seeded as gradstep's: the shape of the stacked draw and its number (every parameter of a shape is updated
+        # at the same steps here, so heavyball's n-th draw of a shape is gradstep's draw number n).
+        key = stream_key(g.device, g.shape)
+        draws[key] = draws.get(key, 0) + 1
+        gen = torch.Generator().manual_seed(draw_seed(seed, key.split("|")[1], draws[key]))
         v = torch.randn(g.shape, generator=gen, dtype=g.dtype, device=g.device)
         return v, g + (damp + torch.finfo(torch.float32).eps * g.abs()) * v
 
@@ -286,10 +289,13 @@ def test_state_dict_round_trip_resumes_identically() -> None:
     opt2.load_state_dict(torch.load(buffer, weights_only=True))
     _run(opt2, resumed, range(16, 31))
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+    assert opt2.state_dict()["gradstep"]["probe_seed"] == 0  # the saver's seed, not the constructor's 99
     # a deep copy continues alike too
     twin = copy.deepcopy(opt2)
-    streams = opt2._kron.generators
-    assert streams and all(twin._kron.generators[k].get_state().equal(g.get_state()) for k, g in streams.items())
+    twin_params = twin.param_groups[0]["params"]
+    _run(opt2, resumed, range(31, 36))
+    _run(twin, twin_params, range(31, 36))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, twin_params))
 
 
 def test_refused_generator_state_changes_nothing() -> None:
@@ -300,6 +306,10 @@ def test_refused_generator_state_changes_nothing() -> None:
     sd["gradstep"]["probe_generators"] = {"cpu|3x4": "not a state"}
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match="probe_generators"):
+        opt.load_state_dict(sd)
+    sd = opt.state_dict()
+    sd["gradstep"]["probe_seed"] = "7"
+    with pytest.raises(ValueError, match="probe_seed"):
         opt.load_state_dict(sd)
     after = opt.state_dict()
     assert all(torch.equal(before["state"][k]["exp_avg"], after["state"][k]["exp_avg"]) for k in before["state"])

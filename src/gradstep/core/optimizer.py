@@ -1031,8 +1031,9 @@ def _init_sharded(init: Callable[[Tensor, torch.dtype], Any], view: Any, dtype: 
     """A buffer of a DTensor parameter: built on the local shard, split like the parameter when it is shaped like it.
 
     Buffers shaped like the parameter are split like it; buffers with one entry per row (NeroPlus) are split along
-    rows under Shard(0); others (per-tensor values) are whole on every rank. The kind is read from the buffer a
-    global-shaped (meta) parameter would get, so that every rank decides alike.
+    rows under Shard(0); others (per-tensor values, Kronecker factors) are whole on every rank, built from the whole
+    shape. The kind is read from the buffer a global-shaped (meta) parameter would get, so that every rank decides
+    alike.
     """
     local = view.to_local().detach()
     buf = init(local, dtype)
@@ -1050,6 +1051,10 @@ def _init_sharded(init: Callable[[Tensor, torch.dtype], Any], view: Any, dtype: 
         return type(view).from_local(
             buf, view.device_mesh, view.placements, run_check=False, shape=whole.shape, stride=stride
         )
+    if buf.shape != whole.shape:
+        # Built from the whole shape (Kronecker factors of a whole matrix): the local shard's shape would give factors
+        # of its rows only, which a distributed checkpoint could not load into.
+        return init(torch.empty((), dtype=view.dtype, device=local.device).expand(view.shape), dtype)
     return buf  # a per-tensor value (TAdam's W_t): the same on every rank
 
 

@@ -21,12 +21,13 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..core.hypers import Hyper, boolean, non_negative, one_of
 from ..core.matrix import NS_DTYPES, MatrixView, matrix_views, orthogonalize
 from ..core.ops import PER_TENSOR, Direction, TensorList
 from ..core.optimizer import ChainedOptimizer
-from ..core.reductions import whole_tensors
+from ..core.owners import map_whole_tensors
 from ..core.registry import Entry, register
 from ..core.transform import BufferInit, GroupStep, Transform, zeros
 
@@ -169,26 +170,30 @@ class Orthogonalize(Transform):
     def update(self, ctx: GroupStep, updates: TensorList) -> Direction:
         given: Any = ctx.param_hyper("split_size")
         split_sizes: list[int | None] = given if isinstance(given, list) else [given] * len(updates)
-        # Under FSDP2 each rank holds some rows: every rank gathers the whole matrices and keeps its rows of the result.
-        wholes, local_parts = whole_tensors(updates)
-        views = matrix_views(wholes, ctx.hyper("tensor_mode"), split_sizes, ctx.hyper("split_dim"))
-        matrices = [m for v in views for m in v.matrices]
+        mode, split_dim = ctx.hyper("tensor_mode"), ctx.hyper("split_dim")
         dtype = NS_DTYPES.get(ctx.hyper("ns_dtype") or "")
         coefficients, steps, eps = ctx.hyper("ns_coefficients"), ctx.hyper("ns_steps"), ctx.hyper(self.eps_name)
-        results = orthogonalize(matrices, coefficients, steps, eps, dtype, batched=ctx.ops is not PER_TENSOR)
-        if not self.scale_by_shape:
-            return local_parts([view.assemble(results[i : i + len(view.matrices)]) for i, view in _starts(views)])
-        fn = ctx.hyper("adjust_lr_fn")
-        out, scales, start = [], [], 0
-        for view in views:
-            mine = results[start : start + len(view.matrices)]
-            start += len(view.matrices)
-            factors = [self._scale(m.shape, fn) for m in view.matrices]
-            if len(set(factors)) > 1:  # uneven split blocks: scale each block on its own
-                mine, factors = [r * f for r, f in zip(mine, factors)], [1.0]
-            out.append(view.assemble(mine))
-            scales.append(factors[0])
-        return local_parts(ctx.ops.mul(out, scales))
+        fn = ctx.hyper("adjust_lr_fn") if self.scale_by_shape else None
+
+        def orthogonalized(indices: list[int], wholes: list[Tensor]) -> list[Tensor]:
+            views = matrix_views(wholes, mode, [split_sizes[i] for i in indices], split_dim)
+            matrices = [m for v in views for m in v.matrices]
+            results = orthogonalize(matrices, coefficients, steps, eps, dtype, batched=ctx.ops is not PER_TENSOR)
+            if not self.scale_by_shape:
+                return [view.assemble(results[i : i + len(view.matrices)]) for i, view in _starts(views)]
+            out, scales, start = [], [], 0
+            for view in views:
+                mine = results[start : start + len(view.matrices)]
+                start += len(view.matrices)
+                factors = [self._scale(m.shape, fn) for m in view.matrices]
+                if len(set(factors)) > 1:  # uneven split blocks: scale each block on its own
+                    mine, factors = [r * f for r, f in zip(mine, factors)], [1.0]
+                out.append(view.assemble(mine))
+                scales.append(factors[0])
+            return ctx.ops.mul(out, scales) if out else []
+
+        # Under FSDP2 each rank holds some rows: each whole matrix is orthogonalized once, by its owner rank.
+        return map_whole_tensors(updates, orthogonalized)
 
 
 def _starts(views: list[MatrixView]) -> list[tuple[int, MatrixView]]:

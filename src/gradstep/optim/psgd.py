@@ -230,7 +230,11 @@ class KronPreconditioner(Transform):
     """Fit the Kronecker factors on the probe pair (when the schedule says so), then precondition the update.
 
     Same-shape parameters are stacked and stepped as one batch; their first-step scale is estimated on the batch, as
-    heavyball does. Probes come from one ``torch.Generator`` per device, seeded with ``seed`` (or the user's).
+    heavyball does. The probe of a stacked draw is drawn from a ``torch.Generator`` seeded with
+    :func:`draw_seed` (``seed``, the draw's shape, and how many preconditioner updates the schedule has made through
+    the step), so a probe is a function of the step count alone: nothing about the streams needs saving, and a run
+    resumed from any checkpoint (a distributed one included, which keeps only per-parameter state and groups) draws
+    what the uninterrupted one would. With ``generator=`` the probes come from the user's generator instead.
     State per parameter: ``Q_i`` and ``running_lower_bound_i`` for each dimension ``i`` of its squeezed shape (one
     of each for a scalar), made by :meth:`factor_state` from the whole (unsharded) shape.
     """
@@ -253,7 +257,7 @@ class KronPreconditioner(Transform):
     def __init__(self, seed: int = 0, generator: torch.Generator | None = None) -> None:
         self.seed = seed
         self.user_generator = generator
-        self.generators: dict[str, torch.Generator] = {}  # "device|shape" -> the stream of that shape's probes
+        self.generators: dict[str, torch.Generator] = {}  # one per device, re-seeded for every draw
         self._sums: dict[Any, dict[int, tuple[float, float]]] = {}  # schedule -> {step: (C(step - 1), C(step))}
 
     def needs_whole_group(self, group: dict[str, Any]) -> bool:
@@ -283,21 +287,29 @@ class KronPreconditioner(Transform):
             out[f"running_lower_bound_{i}"] = torch.zeros((), dtype=dtype, device=device)
         return out
 
-    def generator(self, key: str) -> torch.Generator:
-        """The probe stream ``key`` (``"device|shape"``, the shape of one stacked draw), created from the seed.
+    def generator(self, key: str, draw: int) -> torch.Generator:
+        """The generator of draw number ``draw`` (1, 2, ...) of probes keyed ``key`` (``"device|shape"``, the shape of
+        one stacked draw): seeded by :func:`draw_seed`, or the user's generator as it stands.
 
-        One stream per shape, not one per optimizer: a group's probes do not depend on what other groups drew.
+        A probe depends on the seed, the draw's shape and its number, not on what other groups or shapes drew.
         """
         if self.user_generator is not None:
             return self.user_generator
-        if key not in self.generators:
-            device, shape = key.split("|")
-            self.generators[key] = torch.Generator(device=device).manual_seed(stream_seed(self.seed, shape))
-        return self.generators[key]
+        device, shape = key.split("|")
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device)
+        return self.generators[device].manual_seed(draw_seed(self.seed, shape, draw))
 
     def due(self, schedule: Any, step: int) -> bool:
         """heavyball's deterministic 'probability': an update when the running sum of probabilities passes an
         integer. Derived from the step count (no state to save), advanced from the nearest step already summed."""
+        return self.updates_through(schedule, step) > self.updates_through(schedule, step - 1)
+
+    def updates_through(self, schedule: Any, step: int) -> int:
+        """How many preconditioner updates the schedule makes in steps 1 to ``step``: the integer part of the sum
+        of its probabilities."""
+        if step <= 0:
+            return 0
         key = tuple(schedule) if isinstance(schedule, list) else schedule
         known = self._sums.setdefault(key, {})
         if step not in known:
@@ -308,8 +320,7 @@ class KronPreconditioner(Transform):
             known[step] = (before, now)
             if len(known) > 16:  # the least recently summed step goes (groups at other counts re-add theirs)
                 del known[next(iter(known))]
-        before, now = known[step]
-        return int(now) > int(before)
+        return int(known[step][1])
 
     def _init_scale(self, group: dict[str, Any], grads: Tensor) -> float:
         if group["precond_init_scale"] is not None:
@@ -364,7 +375,8 @@ class KronPreconditioner(Transform):
             bounds = [torch.stack([s[f"running_lower_bound_{j}"] for s in states]) for j in range(count)]
             balance(qs)
             target = m if group["momentum_into_precond_update"] else raw
-            stream = self.generator(stream_key(target.device, target.shape))
+            draw = self.updates_through(group["preconditioner_update_probability"], int(ctx.steps[idx[0]]))
+            stream = self.generator(stream_key(target.device, target.shape), draw)
             probe = torch.randn(target.shape, generator=stream, dtype=m.dtype, device=m.device)
             perturbed = target + (group["dampening"] + _EPS32 * target.abs()) * probe
             update_factors(
@@ -389,9 +401,10 @@ def stream_key(device: torch.device, shape: torch.Size | tuple[int, ...]) -> str
     return f"{device}|{'x'.join(map(str, shape))}"
 
 
-def stream_seed(seed: int, shape: str) -> int:
-    """The seed of the probe stream of draws shaped ``shape``: ``seed`` mixed with a checksum of the shape."""
-    return (seed * 1_000_003 + zlib.crc32(shape.encode())) % 2**63
+def draw_seed(seed: int, shape: str, draw: int) -> int:
+    """The seed of draw number ``draw`` of probes shaped ``shape``: ``seed`` mixed with a checksum of the shape and
+    with the draw's number (times a large odd constant, so that neighbouring draws get distant seeds)."""
+    return (seed * 1_000_003 + zlib.crc32(shape.encode()) + draw * 0x9E3779B97F4A7C15) % 2**63
 
 
 def _none(param: Tensor, dtype: torch.dtype) -> Any:
@@ -420,9 +433,10 @@ class PSGDKron(ChainedOptimizer):
     integer. The first step scales the factors by :math:`(c\,(\mathrm{mean}\,g^4)^{-1/8})^{r}` (``c =
     precond_init_scale_scale``, ``r = precond_init_scale_power``, default 0.5; ``precond_init_scale`` fixes it).
 
-    Probes come from ``torch.Generator`` streams, one per device and shape of a stacked draw, seeded from ``seed``
-    (default 0, so every run and every rank draws the same) and that shape; ``generator=`` uses yours instead. Their
-    states are saved in ``state_dict()``, so a resumed run draws what the uninterrupted one would.
+    Each probe comes from a ``torch.Generator`` seeded from ``seed`` (default 0, so every run and every rank draws
+    the same), the shape of the stacked draw and the number of preconditioner updates through the step
+    (:func:`draw_seed`): a resumed run draws what the uninterrupted one would, from ``state_dict()`` or from a
+    distributed checkpoint alike. ``generator=`` draws from yours instead (its state is saved in ``state_dict()``).
 
     Li, 2015. Preconditioned stochastic gradient descent. arXiv:1512.04202 (IEEE TNNLS 2018). — Li, 2018.
     Preconditioner on matrix Lie group for SGD. arXiv:1809.10232. Code: github.com/lixilinx/psgd_torch.
@@ -430,7 +444,7 @@ class PSGDKron(ChainedOptimizer):
     .. warning::
         Differences from heavyball 3.2.1's ``PSGDKron`` (defaults as there, except as listed):
 
-        * Probes are drawn from the optimizer's own seeded streams, not torch's global generator.
+        * Probes are drawn from the optimizer's own generator, seeded per draw, not torch's global generator.
         * The momentum weight :math:`(1-\beta)/(1-\beta^t)` is computed in float64 (heavyball: float32).
         * The factors are kept in the state dtype (the parameter's, float32 for half precision; heavyball:
           ``q_dtype="float32"``), as full triangular matrices (heavyball stores their upper triangle as a line); so are
@@ -516,27 +530,32 @@ class PSGDKron(ChainedOptimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         kron = self._kron
-        streams = {"user|": kron.user_generator} if kron.user_generator is not None else kron.generators
-        sd["gradstep"]["probe_generators"] = {k: g.get_state() for k, g in streams.items()}
+        sd["gradstep"]["probe_seed"] = kron.seed
+        if kron.user_generator is not None:
+            sd["gradstep"]["probe_generators"] = {"user|": kron.user_generator.get_state()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :meth:`ChainedOptimizer.load_state_dict`; the probe generators resume from their saved states."""
-        saved = (state_dict.get("gradstep") or {}).get("probe_generators", {}) if isinstance(state_dict, dict) else {}
+        """As :meth:`ChainedOptimizer.load_state_dict`; the probes continue from the saved seed (and, where the saver
+        drew from a user's ``generator=``, that generator's saved state goes into this optimizer's own one)."""
+        extra = (state_dict.get("gradstep") or {}) if isinstance(state_dict, dict) else {}
+        saved: Any = extra.get("probe_generators", {}) if isinstance(extra, dict) else None
+        seed = extra.get("probe_seed", self._kron.seed) if isinstance(extra, dict) else None
         ok = isinstance(saved, dict) and all(
-            isinstance(k, str) and k.count("|") == 1 and isinstance(v, Tensor) and v.dtype == torch.uint8
-            for k, v in saved.items()
+            k == "user|" and isinstance(v, Tensor) and v.dtype == torch.uint8 for k, v in saved.items()
         )
         if not ok:
             raise ValueError(
                 "PSGDKron cannot load this state_dict: gradstep.probe_generators is not a dict of "
-                "'device|shape' -> generator state (uint8 tensor)"
+                "'user|' -> generator state (uint8 tensor)"
             )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"PSGDKron cannot load this state_dict: gradstep.probe_seed is {seed!r}, not an int")
         super().load_state_dict(state_dict)
         kron = self._kron
-        for key, rng_state in saved.items():
-            if key != "user|" or kron.user_generator is not None:  # "user|": the generator= given to the saver
-                kron.generator(key).set_state(rng_state.cpu())
+        kron.seed = seed
+        if "user|" in saved and kron.user_generator is not None:
+            kron.user_generator.set_state(saved["user|"].cpu())
 
 
 register(
