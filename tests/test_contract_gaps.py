@@ -226,3 +226,33 @@ def test_a_torch_adafactor_dict_that_cannot_map_is_refused_naming_the_entry() ->
         for i, s in before["state"].items():
             for key, value in s.items():
                 assert (value is None and after["state"][i][key] is None) or torch.equal(after["state"][i][key], value)
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+@pytest.mark.parametrize(
+    "entry",
+    # optim_wrapper steps a torch.optim optimizer, which has no non-finite policy.
+    [e for e in gradstep.core.registry.entries() if not e.capabilities.sparse_only and e.name != "optim_wrapper"],
+    ids=lambda e: e.name,
+)
+def test_a_refused_or_skipped_first_step_leaves_no_state_entry(entry: Any, policy: str) -> None:
+    """Reading ``opt.state[p]`` (a defaultdict) adds an empty entry: a step refused by the gradient screen must not
+    leave it behind (``state_dict()["state"]`` stays ``{}``)."""
+    first, second = (torch.nn.Parameter(torch.ones(3, 4, dtype=torch.float64)) for _ in range(2))
+    opt = entry([first, second], **{**entry.example, "nonfinite": policy})
+    bad = [True]
+
+    def closure() -> Tensor:  # LBFGS re-evaluates; the others are given the same gradients once
+        first.grad = torch.ones(3, 4, dtype=torch.float64)
+        second.grad = torch.full((3, 4), float("nan") if bad[0] else 1.0, dtype=torch.float64)
+        return (first.sum() + second.sum()).detach()
+
+    if policy == "error":
+        with pytest.raises(gradstep.core.nonfinite.NonFiniteError):
+            opt.step(closure)
+    else:
+        opt.step(closure)
+    assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
+    bad[0] = False
+    opt.step(closure)
+    assert opt.state_dict()["state"]  # the same optimizer steps (and keeps state) once the gradients are finite

@@ -440,6 +440,13 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             plan.opt_args.append(_opt_args(p))
         return plan
 
+    def _drop_state_added_since(self, known: int) -> None:
+        """Drop the state entries added after the first ``known`` ones: a refused or skipped step leaves
+        ``self.state`` as it found it (entries are only ever added empty before the screen)."""
+        for p in list(self.state)[known:]:
+            if not self.state[p]:
+                del self.state[p]
+
     def _check_sparse(self, group: dict[str, Any], p: Tensor, name: str) -> None:
         """Refuse a sparse gradient where the chain or a core option needs a dense one (before anything changes)."""
         me = type(self).__name__
@@ -488,8 +495,15 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._gather(i, g) for i, g in enumerate(self.param_groups)]
-        if not self._screen(plans):
+        known = len(self.state)  # entries the gather adds (self.state is a defaultdict) go again if the step is refused
+        try:
+            plans = [self._gather(i, g) for i, g in enumerate(self.param_groups)]
+            stepping = self._screen(plans)
+        except BaseException:
+            self._drop_state_added_since(known)
+            raise
+        if not stepping:
+            self._drop_state_added_since(known)
             self._counters["skipped_steps"] += 1
             return loss
         self._prepare_step(plans)
