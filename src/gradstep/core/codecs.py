@@ -230,8 +230,15 @@ def quantize_blockwise(x: Tensor, codec: str, signed: bool) -> tuple[Tensor, Ten
 
 def dequantize_blockwise(codes: Tensor, qmap: Tensor, scale: Tensor) -> Tensor:
     """float32 values of ``codes`` (uint8 indices into ``qmap``) scaled per block."""
-    values = qmap.index_select(0, codes.reshape(-1).int()).reshape(scale.shape[0], -1) * scale.view(-1, 1)
-    return values.reshape(codes.shape)
+    return _times_scale(qmap.index_select(0, codes.reshape(-1).int()), scale).reshape(codes.shape)
+
+
+def _times_scale(values: Tensor, scale: Tensor) -> Tensor:
+    """``values`` (a whole number of blocks, in order) times their block's scale; no blocks (an empty FSDP2 shard)
+    leave nothing to scale, and nothing to infer a block's size from."""
+    if scale.numel() == 0:
+        return values
+    return values.reshape(scale.numel(), -1) * scale.view(-1, 1)
 
 
 def _log_half_ulp(x: Tensor) -> Tensor:
@@ -245,22 +252,50 @@ def _times_exp2(x: Tensor, log_scale: Tensor) -> Tensor:
     return (x * torch.exp2(half)) * torch.exp2(log_scale - half)
 
 
-def codec_applies(codec: str, template: Any, view: Tensor) -> bool:
-    """Whether ``codec`` codes a buffer like ``template`` (its first-step value) of a parameter like ``view``."""
+def codec_applies(codec: str, template: Any, view: Tensor, rows: bool = False) -> bool:
+    """Whether ``codec`` codes a buffer like ``template`` (its first-step value) of a parameter like ``view``.
+
+    ``rows``: the parameter is split along dim 0 into shards that are coded each on its own (FSDP2), so a block-wise
+    codec applies only where every row is a whole number of blocks: then every shard is too, and coding the shards
+    one by one gives the codes and scales of the whole tensor. Decided from the whole (global) shape.
+    """
     if codec == "fp32" or not isinstance(template, Tensor) or not template.is_floating_point():
         return False
     if tuple(template.shape) != tuple(view.shape) or template.numel() < MIN_NUMEL:
         return False
     block = BLOCK_SIZES.get(codec)
-    return block is None or template.numel() % block == 0
+    if block is None:
+        return True
+    if rows:
+        return view.dim() >= 1 and _row_numel(tuple(view.shape)) % block == 0
+    return template.numel() % block == 0
 
 
-def part_templates(codec: str, key: str, shape: tuple[int, ...], device: Any) -> dict[str, Tensor]:
-    """Empty tensors of the dtype and shape of each stored part of a coded buffer (for checks and creation)."""
+def _row_numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for size in shape[1:]:
+        numel *= size
+    return numel
+
+
+def part_templates(codec: str, key: str, shape: tuple[int, ...], device: Any, rows: bool = False) -> dict[str, Tensor]:
+    """Empty tensors of the dtype and shape of each stored part of a coded buffer (for checks and creation).
+
+    ``rows`` (a parameter split along dim 0, see :func:`codec_applies`): int4's codes and the scales are laid out
+    with one row per row of the parameter, ``(rows, row_numel // 2)`` and ``(rows, row_numel // block)``, so that
+    they split along dim 0 exactly as the parameter does; otherwise they are flat.
+    """
     numel = 1
     for size in shape:
         numel *= size
     meta = {"device": device}
+    if rows and codec in BLOCK_SIZES:
+        row = _row_numel(shape)
+        scale = torch.empty((shape[0], row // BLOCK_SIZES[codec]), dtype=torch.float32, **meta)
+        if codec == "int4":
+            return {key: torch.empty((shape[0], row // 2), dtype=torch.uint8, **meta), key + "_scale": scale}
+        dtype = torch.uint8 if codec == "int8" else torch.float8_e4m3fn
+        return {key: torch.empty(shape, dtype=dtype, **meta), key + "_scale": scale}
     if codec == "bf16":
         return {key: torch.empty(shape, dtype=torch.bfloat16, **meta)}
     if codec == "bf16+ecc":
@@ -310,11 +345,10 @@ def decode(codec: str, parts: dict[str, Tensor], signed: bool, shape: torch.Size
         return (codes.float() + correction).to(dtype)
     scale = parts["_scale"]
     if codec == "fp8":
-        return (codes.float().reshape(scale.shape[0], -1) * scale.view(-1, 1)).reshape(shape).to(dtype)
+        return _times_scale(codes.float(), scale).reshape(shape).to(dtype)
     tables = _tables(codec, signed, codes.device)
     if codec == "int4":  # one read per byte: both of its values
-        values = tables.pairs.index_select(0, codes.int()).reshape(scale.shape[0], -1) * scale.view(-1, 1)
-        return values.reshape(shape).to(dtype)
+        return _times_scale(tables.pairs.index_select(0, codes.int()), scale).reshape(shape).to(dtype)
     return dequantize_blockwise(codes, tables.qmap, scale).reshape(shape).to(dtype)
 
 

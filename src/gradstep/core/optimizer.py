@@ -134,6 +134,8 @@ class _Plan:
         self.names: list[str] = []
         self.opt_args: list[dict[str, Any] | None] = []
         self.sizes: list[int] | None = None  # chunking sizes; DTensors: the whole tensors', so every rank chunks alike
+        # Coded state keys per parameter, where decided from other views than plan.views (DTensors: the whole shapes).
+        self.coded: list[list[tuple[str, bool]]] | None = None
 
 
 class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
@@ -344,7 +346,10 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             for name, init in t.buffers(group).items():
                 if name not in state:
                     state[name] = _init_sharded(init, view, dtype) if _is_dtensor(view) else init(view.detach(), dtype)
-                    if name in coded:
+                    if name in coded and _is_dtensor(view):
+                        parts = _encode_sharded(group["state_codec"], state[name], coded[name], view)
+                        state.update((name + suffix, part) for suffix, part in parts.items())
+                    elif name in coded:
                         parts = codecs.encode(group["state_codec"], state[name], coded[name])
                         state.update((name + suffix, part) for suffix, part in parts.items())
         if group["kahan_summation"] and _compensated(p) and "kahan_comp" not in state:
@@ -355,19 +360,27 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         """The state keys of a parameter that ``state_codec`` stores coded, each with whether it may be negative.
 
         Decided from the shape alone (the buffers a meta parameter would get), so the same for every step and load.
+        A DTensor parameter (FSDP2) is decided from its whole shape, so alike on every rank: each rank codes its own
+        shard, and a block-wise codec applies only where blocks cannot straddle shards (whole blocks per row, split
+        along rows only); elsewhere the buffer stays in the state dtype.
         """
         codec = group["state_codec"]
         if codec == "fp32":
             return []
+        split = _split(view)
+        if split == "other" and codec in codecs.BLOCK_SIZES:
+            return []
         cache = self.__dict__.setdefault("_codec_layouts", {})
-        signature = (codec, tuple(view.shape), view.dtype, dtype, tuple(sorted(self.expected_state_keys(group))))
+        keys = tuple(sorted(self.expected_state_keys(group)))
+        signature = (codec, tuple(view.shape), view.dtype, dtype, keys, split)
         if signature not in cache:
             meta = torch.empty(view.shape, dtype=view.dtype, device="meta")
             coded: list[tuple[str, bool]] = []
+            rows = split == "rows"
             for t in self._transforms:
                 unsigned = codecs.NONNEGATIVE_BUFFERS | t.nonnegative_buffers
                 for name, init in t.buffers(group).items():
-                    if codecs.codec_applies(codec, init(meta, dtype), meta) and name not in dict(coded):
+                    if codecs.codec_applies(codec, init(meta, dtype), meta, rows) and name not in dict(coded):
                         coded.append((name, name not in unsigned))
             cache[signature] = coded
         return cache[signature]
@@ -382,8 +395,9 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         for t in self._transforms:
             for key, init in t.buffers(group).items():
                 templates.setdefault(key, init(meta, dtype))
+        rows = _is_dtensor(view)
         for key, _ in self._coded_buffers(group, view, dtype):
-            templates.update(codecs.part_templates(group["state_codec"], key, tuple(view.shape), "meta"))
+            templates.update(codecs.part_templates(group["state_codec"], key, tuple(view.shape), "meta", rows))
         if group.get("kahan_summation") and _compensated(p):
             templates["kahan_comp"] = torch.empty(view.shape, dtype=p.dtype, device="meta")
         return templates
@@ -426,11 +440,10 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 )
             if p.grad.shape != p.shape:
                 raise RuntimeError(f"gradient of {name} has shape {tuple(p.grad.shape)}, parameter {tuple(p.shape)}")
-            if coded and (_is_dtensor(p) or p.grad.is_sparse):
-                kind = "DTensor (FSDP2) parameters" if _is_dtensor(p) else "sparse gradients"
+            if coded and p.grad.is_sparse:
                 raise NotImplementedError(
-                    f"{type(self).__name__}: state_codec={group['state_codec']!r} does not serve {kind} yet "
-                    f"(parameter {name}); use state_codec='fp32'"
+                    f"{type(self).__name__}: state_codec={group['state_codec']!r} does not serve sparse gradients "
+                    f"yet (parameter {name}); use state_codec='fp32'"
                 )
             plan.params.append(p)
             plan.views.append(torch.view_as_real(p) if p.is_complex() else p)
@@ -547,7 +560,19 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         """
         saved = (plan.views, plan.grads, plan.states)
         plan.sizes = [v.numel() for v in plan.views]  # a chunk's reductions are collectives: the same chunks everywhere
+        group = plan.group
+        if group["state_codec"] != "fp32":
+            # Decided from the whole shapes (the local ones differ between ranks); each rank decodes and encodes its
+            # own shard, which holds whole blocks only: no communication.
+            dtypes = [self._state_dtype(group, p) for p in plan.params]
+            plan.coded = [self._coded_buffers(group, v, d) for v, d in zip(saved[0], dtypes)]
         local_states = [{k: _to_local(v) for k, v in state.items()} for state in plan.states]
+        for view, local, keys in zip(saved[0], local_states, plan.coded or []):
+            shape = _to_local(view).shape
+            for part in (key + suffix for key, _ in keys for suffix in codecs.PART_SUFFIXES):
+                if part in local and local[part].shape != shape:
+                    local[part] = local[part].view(-1)  # int4's codes, the scales: flat as the codec reads them
+        given = [dict(local) for local in local_states]
         plan.views, plan.grads, plan.states = (
             [_to_local(v) for v in saved[0]],
             [_to_local(g) for g in saved[1]],
@@ -558,11 +583,11 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 self._update_plain(plan)
         finally:
             plan.views, plan.grads, plan.states = saved
+            plan.coded = None
         views: list[Any] = plan.views  # DTensors
-        for view, state, local in zip(views, plan.states, local_states):
+        for view, state, local, handed in zip(views, plan.states, local_states, given):
             for key, value in local.items():
-                before = state.get(key)
-                if value is (_to_local(before) if before is not None else None):
+                if key in handed and value is handed[key]:
                     continue
                 if _is_dtensor(view) and isinstance(value, Tensor) and value.shape == view.to_local().shape:
                     value = type(view).from_local(
@@ -618,7 +643,9 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
         args = (self._transforms, plan.views, plan.grads, plan.states, dtypes, plan.opt_args, plan.names)
         coded: list[list[tuple[str, bool]]] = []  # per parameter: its coded state keys (none without a codec)
-        if group["state_codec"] != "fp32":
+        if plan.coded is not None:
+            coded = plan.coded
+        elif group["state_codec"] != "fp32":
             coded = [self._coded_buffers(group, v, d) for v, d in zip(plan.views, dtypes)]
         step: Callable[..., None] = group_step
         if any(coded):
@@ -1070,6 +1097,35 @@ def _init_sharded(init: Callable[[Tensor, torch.dtype], Any], view: Any, dtype: 
         # of its rows only, which a distributed checkpoint could not load into.
         return init(torch.empty((), dtype=view.dtype, device=local.device).expand(view.shape), dtype)
     return buf  # a per-tensor value (TAdam's W_t): the same on every rank
+
+
+def _encode_sharded(codec: str, buf: Any, signed: bool, view: Any) -> dict[str, Any]:
+    """The parts of a DTensor buffer: its local shard coded on its own, each part a DTensor split like ``view``.
+
+    Parts shaped like the parameter take its placements and shape; int4's codes and the scales (flat for one
+    process) are laid out one row per row of the parameter, so they split along dim 0 as it does (the decision of
+    :meth:`ChainedOptimizer._coded_buffers` guarantees whole blocks per row and a split along rows only).
+    """
+    local_shape = view.to_local().shape
+    templates = codecs.part_templates(codec, "", tuple(view.shape), "meta", rows=True)
+    parts = {}
+    for suffix, part in codecs.encode(codec, buf.to_local(), signed).items():
+        shape = tuple(templates[suffix].shape)
+        if part.shape != local_shape:
+            part = part.reshape(local_shape[0], shape[1])  # (shard rows, per row): also for an empty shard
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        parts[suffix] = type(view).from_local(
+            part, view.device_mesh, view.placements, run_check=False, shape=shape, stride=stride
+        )
+    return parts
+
+
+def _split(view: Any) -> str | None:
+    """How a parameter is split: ``None`` (a plain tensor), ``"rows"`` (a DTensor sharded along dim 0 only, or
+    replicated), ``"other"`` (a DTensor sharded along another dim)."""
+    if not _is_dtensor(view):
+        return None
+    return "rows" if all(not pl.is_shard() or pl.dim == 0 for pl in view.placements) else "other"
 
 
 def _is_dtensor(x: Any) -> bool:
