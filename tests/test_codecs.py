@@ -428,3 +428,21 @@ def test_convert_state_codec_refuses_corrupt_parts() -> None:
     other = gradstep.AdamW([torch.nn.Parameter(p.detach().clone()) for p in opt.param_groups[0]["params"]])
     with pytest.raises(ValueError, match=r"exp_avg_scale of param_groups\[0\]\['params'\]\[0\]"):
         gradstep.convert_state_codec(other, saved)
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "fp8"])
+def test_row_shards_code_as_the_whole_tensor(codec: str) -> None:
+    """FSDP2's shards of rows of whole blocks (uneven, one empty) coded one by one give the whole tensor's parts."""
+    x = _values()[:17, :].reshape(17, 128).repeat(1, 2)  # rows of 256: whole blocks of every codec
+    assert codecs.codec_applies(codec, x, x, rows=True)
+    assert not codecs.codec_applies(codec, x.reshape(-1, 8), x.reshape(-1, 8), rows=True)  # rows of 8 elements
+    whole = codecs.encode(codec, x, True)
+    shards = [codecs.encode(codec, x[rows], True) for rows in (slice(0, 9), slice(9, 17), slice(17, 17))]
+    for suffix, part in whole.items():
+        joined = torch.cat([shard[suffix].reshape(-1).view(torch.uint8) for shard in shards])
+        assert torch.equal(joined, part.reshape(-1).view(torch.uint8)), suffix
+    empty = codecs.decode(codec, shards[2], True, torch.Size((0, 256)), torch.float32)
+    assert empty.shape == (0, 256)
+    templates = codecs.part_templates(codec, "m", (17, 256), "meta", rows=True)
+    assert tuple(templates["m_scale"].shape) == (17, 256 // codecs.BLOCK_SIZES[codec])
+    assert tuple(templates["m"].shape) == ((17, 128) if codec == "int4" else (17, 256))

@@ -13,6 +13,10 @@ One group of 2 ranks is spawned once for the whole file (spawning per optimizer 
 * distributed checkpoints (``get/set_optimizer_state_dict``, also flattened): a round trip leaves the state and the
   step counters unchanged (``global_step``; the wrappers' ``fast_steps`` and their inner optimizer's state), and a
   resumed optimizer continues bitwise.
+* state codecs (``state_codec=``): every element-wise optimizer with int8 and AdamW with every codec, on a model with
+  a weight of whole 256-element blocks per row (its 17 rows split 9/8), 6 steps: the parameters and the coded state
+  against the single process (each rank codes its own rows), every part a DTensor split along rows; DCP round trips
+  of coded state.
 * the rai transforms in a user's chain with blocks that span the split dim (``param_ndim=None``: each block is a whole
   tensor; ``param_ndim=1``: the 1-D parameters' blocks are), against the single process.
 
@@ -46,8 +50,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import gradstep
-from gradstep.core import registry
+from gradstep.core import codecs, registry
 from gradstep.core.nonfinite import NonFiniteError
+from gradstep.core.optimizer import ChainedOptimizer
 from gradstep.core.registry import Entry
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -91,7 +96,10 @@ DCP_NAMES = ("adam", "lamb", "lookahead", "scout", "ranger", "muon", "normuon", 
 # Also through DCP's flattened form (StateDictOptions(flatten_optimizer_state_dict=True)), which rebuilds the state
 # from the live optimizer's keys.
 DCP_FLAT_NAMES = ("adam", "lookahead", "scout", "ranger")
-DCP_CASES = (*DCP_NAMES, *(f"{name}/flat" for name in DCP_FLAT_NAMES))
+# Coded state (the wide model, see make_model) through DCP, also flattened.
+DCP_CODED = ("adamw/int8", "adamw/int4/flat", "adamw/fp8", "adamw/bf16+ecc", "lookahead/int8")
+DCP_CASES = (*DCP_NAMES, *(f"{name}/flat" for name in DCP_FLAT_NAMES), *DCP_CODED)
+CODEC_STEPS = 6  # each case's own single-process reference; a step of 44 coded runs costs as much as one of the others
 CHAIN_PARAM_NDIMS = (None, 1)
 TOL = 1e-10  # float64: rounding differences are ~1e-15
 
@@ -100,9 +108,34 @@ def _name(entry: Entry) -> str:
     return entry.name
 
 
+def _takes_codecs(entry: Entry) -> bool:
+    """Element-wise entries that code their state (schedule-free's and OptimWrapper's refuse or lack state_codec)."""
+    if entry.capabilities.sharding != "elementwise" or "state_codec" not in entry.hyperparameters():
+        return False
+    probe = entry([torch.nn.Parameter(torch.zeros(3))], **entry.example)
+    inner = getattr(probe, "optimizer", probe)
+    if not isinstance(inner, ChainedOptimizer):
+        return True
+    return type(inner)._prepare_step is ChainedOptimizer._prepare_step and inner._sparse_gradients() != "required"
+
+
+CODEC_CASES = (
+    *(f"{e.name}/int8" for e in ENTRIES if _takes_codecs(e)),
+    *(f"adamw/{codec}" for codec in codecs.CODECS if codec not in ("fp32", "int8")),
+)
+
+
 # --- the model, the data and the training loop (the same in the ranks and in the parent) ---------------------------
-def make_model() -> torch.nn.Sequential:
+def make_model(wide: bool = False) -> torch.nn.Sequential:
     torch.manual_seed(0)
+    if wide:  # for state codecs: model[2].weight is (17, 256), rows of whole blocks (4352 elements: coded)
+        return torch.nn.Sequential(
+            torch.nn.Linear(12, 256),
+            torch.nn.GELU(),
+            torch.nn.Linear(256, 17),  # 17 rows over 2 ranks: uneven shards of whole blocks
+            torch.nn.LayerNorm(17),
+            torch.nn.Linear(17, 5),
+        ).double()
     model = torch.nn.Sequential(
         torch.nn.Linear(12, 24),
         torch.nn.LayerNorm(24),
@@ -125,9 +158,10 @@ def make_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def build(entry: Entry, params: Any) -> torch.optim.Optimizer:
+def build(entry: Entry, params: Any, codec: str | None = None) -> torch.optim.Optimizer:
     # A matrix optimizer (Entry.min_ndim = 2) steps the weights; biases and norms stay as they are on both sides.
-    return entry([p for p in params if p.dim() >= entry.min_ndim], **entry.example)
+    hypers = {**entry.example, **({"state_codec": codec} if codec else {})}
+    return entry([p for p in params if p.dim() >= entry.min_ndim], **hypers)
 
 
 def train(model: torch.nn.Module, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], rows: slice) -> None:
@@ -156,6 +190,21 @@ def _reference(name: str, steps: int) -> tuple[torch.Tensor, ...]:
     return tuple(p.detach() for p in model.parameters())
 
 
+@functools.cache
+def coded_reference(case: str) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The parameters and the coded weight's state after CODEC_STEPS single-process steps of ``name/codec``."""
+    name, codec = case.split("/")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as _reference
+    try:
+        model = make_model(wide=True)
+        opt = build(registry.get(name), model.parameters(), codec)
+        train(model, opt, make_batches(CODEC_STEPS), slice(None))
+    finally:
+        torch.set_num_threads(threads)
+    return [p.detach() for p in model.parameters()], _param_state(opt, model[2].weight)
+
+
 def build_chain(params: Any, param_ndim: int | None) -> torch.optim.Optimizer:
     """A user's chain of the rai transforms, each reducing over blocks of ``param_ndim``."""
     from gradstep.paramtransform.transforms import L2BallProjection, LpNormedGradient, TopQGradient
@@ -182,10 +231,10 @@ def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 # --- inside the ranks -------------------------------------------------------------------------------------------------
-def _fsdp_model(mesh: Any) -> Any:
+def _fsdp_model(mesh: Any, wide: bool = False) -> Any:
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model()
+    model = make_model(wide)
     for layer in model:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
@@ -232,6 +281,30 @@ def _fsdp_all(rank: int, world: int, mesh: Any, entries: list[Entry], steps: int
         return _full(model)
 
     _attempt(results, "lamb/chunked", chunked)
+    return results
+
+
+def _coded_all(rank: int, mesh: Any) -> dict[str, Any]:
+    """Each codec case: the full parameters, the coded weight's state gathered, and how each part is placed."""
+    results: dict[str, Any] = {}
+    for case in CODEC_CASES:
+
+        def run(case: str = case) -> dict[str, Any]:
+            name, codec = case.split("/")
+            model = _fsdp_model(mesh, wide=True)
+            opt = build(registry.get(name), model.parameters(), codec)
+            train(model, opt, make_batches(CODEC_STEPS), _my_rows(rank))
+            weight = model[2].weight
+            states = {"": opt.state[weight], **({"inner.": opt.inner.state[weight]} if hasattr(opt, "inner") else {})}
+            placed = {
+                prefix + k: (type(v).__name__, tuple(map(repr, getattr(v, "placements", ()))), tuple(v.shape))
+                for prefix, state in states.items()
+                for k, v in state.items()
+                if isinstance(v, torch.Tensor) and v.dim() > 0
+            }
+            return {"params": _full(model), "state": _param_state(opt, weight), "placed": placed}
+
+        _attempt(results, case, run)
     return results
 
 
@@ -321,23 +394,35 @@ def _ddp_and_zero(rank: int) -> dict[str, Any]:
     return out
 
 
+def _gathered(v: Any) -> Any:
+    """A state value whole (a DTensor gathered); float8 codes as their bytes (uint8: gloo gathers no float8)."""
+    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.element_size() == 1:
+        v = v.view(torch.uint8) if not hasattr(v, "to_local") else _as_bytes(v)
+    if hasattr(v, "full_tensor"):
+        return v.full_tensor().clone()
+    return v.clone() if isinstance(v, torch.Tensor) else v
+
+
+def _as_bytes(v: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    local = v.to_local().view(torch.uint8)
+    return DTensor.from_local(local, v.device_mesh, v.placements, run_check=False, shape=v.shape, stride=v.stride())
+
+
+def _param_state(opt: Any, p: torch.Tensor) -> dict[str, Any]:
+    """``p``'s state, gathered; for a wrapper also its inner optimizer's (keys ``inner.<key>``)."""
+    # A wrapper's state shows its inner optimizer's as a live view (not a copy): it is read from the inner one.
+    entry = {k: _gathered(v) for k, v in opt.state[p].items() if not isinstance(v, Mapping)}
+    inner = getattr(opt, "inner", None)
+    if inner is not None:
+        entry.update({f"inner.{k}": _gathered(v) for k, v in inner.state[p].items()})
+    return entry
+
+
 def _state_copy(opt: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
     """Every parameter's state, gathered; for a wrapper also its inner optimizer's (keys ``inner.<key>``)."""
-
-    def full(v: Any) -> Any:
-        if hasattr(v, "full_tensor"):
-            return v.full_tensor().clone()
-        return v.clone() if isinstance(v, torch.Tensor) else v
-
-    inner = getattr(opt, "inner", None)
-    out = {}
-    for i, p in enumerate(opt.param_groups[0]["params"]):
-        # A wrapper's state shows its inner optimizer's as a live view (not a copy): it is read from the inner one.
-        entry = {k: full(v) for k, v in opt.state[p].items() if not isinstance(v, Mapping)}
-        if inner is not None:
-            entry.update({f"inner.{k}": full(v) for k, v in inner.state[p].items()})
-        out[i] = entry
-    return out
+    return {i: _param_state(opt, p) for i, p in enumerate(opt.param_groups[0]["params"])}
 
 
 def _steps(opt: Any) -> tuple[int, ...]:
@@ -360,13 +445,14 @@ def _dcp(rank: int, mesh: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     batches = make_batches(8)
     for case in DCP_CASES:
-        name, _, form = case.partition("/")
+        name, *forms = case.split("/")
         entry = registry.get(name)
-        options = StateDictOptions(flatten_optimizer_state_dict=form == "flat")
+        options = StateDictOptions(flatten_optimizer_state_dict="flat" in forms)
+        codec = next((form for form in forms if form in codecs.CODECS), None)
 
-        def run(entry: Entry = entry, options: StateDictOptions = options) -> dict[str, Any]:
-            model = _fsdp_model(mesh)
-            opt = build(entry, model.parameters())
+        def run(entry: Entry = entry, options: StateDictOptions = options, codec: str | None = codec) -> dict[str, Any]:
+            model = _fsdp_model(mesh, wide=codec is not None)
+            opt = build(entry, model.parameters(), codec)
             train(model, opt, batches[:5], _my_rows(rank))
             before, steps_before = _state_copy(opt), _steps(opt)
             model_state: dict[str, Any] = dict(get_model_state_dict(model))
@@ -375,9 +461,9 @@ def _dcp(rank: int, mesh: Any) -> dict[str, Any]:
             set_optimizer_state_dict(model, opt, osd, options=options)
             round_trip, steps_round_trip = _state_copy(opt), _steps(opt)
             # Resume: a fresh model and optimizer (state allocated by init_state, so DCP takes no dummy step).
-            fresh = _fsdp_model(mesh)
+            fresh = _fsdp_model(mesh, wide=codec is not None)
             set_model_state_dict(fresh, msd, options=StateDictOptions(full_state_dict=True))
-            resumed = build(entry, fresh.parameters())
+            resumed = build(entry, fresh.parameters(), codec)
             resumed.init_state()  # type: ignore[attr-defined]
             set_optimizer_state_dict(
                 fresh, resumed, get_optimizer_state_dict(model, opt, options=options), options=options
@@ -509,6 +595,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
             _attempt(results, "dcp", functools.partial(_dcp, rank, mesh))
             _attempt(results, "chain", functools.partial(_chains, rank, mesh))
             _attempt(results, "fsdp", functools.partial(_fsdp_all, rank, world, mesh, ENTRIES, STEPS))
+            _attempt(results, "coded", functools.partial(_coded_all, rank, mesh))
         else:  # the 4-rank group: the FSDP2 subset only
             subset = [registry.get(name) for name in FSDP4_NAMES]
             _attempt(results, "fsdp", functools.partial(_fsdp_all, rank, world, mesh, subset, STEPS4))
@@ -582,6 +669,45 @@ def _check_fsdp2(results: list[dict[str, Any]], name: str, steps: int = STEPS) -
     assert max(differences) < TOL
     # The model moved: the comparison is not between two untouched models.
     assert max_difference(expected, [p.detach() for p in make_model().parameters()]) > 1e-4
+
+
+@pytest.mark.parametrize("case", CODEC_CASES)
+def test_fsdp2_coded_state_matches_single_process_and_stays_split(ranks: list[dict[str, Any]], case: str) -> None:
+    expected_params, expected_state = coded_reference(case)
+    weight_shape = tuple(make_model(wide=True)[2].weight.shape)
+    for r in ranks:
+        got = _ok(_ok(r["coded"])[case])
+        assert max_difference(got["params"], expected_params) < TOL
+        state = got["state"]
+        # The same parts as one process, of the same values: each rank's rows hold whole blocks, coded alone.
+        # (int4's codes and the scales are one row per weight row under FSDP2, flat in one process.)
+        assert state.keys() == expected_state.keys()
+        for key, value in expected_state.items():
+            if not isinstance(value, torch.Tensor):
+                assert state[key] == value, key
+            elif value.dtype in (torch.float32, torch.float64):
+                torch.testing.assert_close(state[key].reshape(-1), value.reshape(-1), rtol=1e-12, atol=TOL)
+            else:
+                assert torch.equal(state[key].reshape(-1), value.reshape(-1)), key
+        # Nothing shaped like the weight left in float64 (but a wrapper's own slow weights), every part split by rows.
+        own = {k for k in state if "inner.step" in state and not k.startswith("inner.")}
+        plain = [k for k, v in state.items() if k not in own and isinstance(v, torch.Tensor) and v.dtype.itemsize == 8]
+        assert not [k for k in plain if tuple(state[k].shape) == weight_shape], plain
+        for key, (kind, placements, shape) in got["placed"].items():
+            if shape[0] == weight_shape[0]:
+                assert kind == "DTensor" and placements == ("Shard(dim=0)",), key
+
+
+@pytest.mark.parametrize("codec", [c for c in codecs.CODECS if c != "fp32"])
+def test_fsdp2_adamw_codes_the_wide_weight(ranks: list[dict[str, Any]], codec: str) -> None:
+    parts = {"bf16": ("exp_avg",), "bf16+ecc": ("exp_avg", "exp_avg_ecc")}.get(codec, ("exp_avg", "exp_avg_scale"))
+    dtype = {"bf16": torch.bfloat16, "bf16+ecc": torch.bfloat16, "int4": torch.uint8, "int8": torch.uint8}
+    for r in ranks:
+        state = _ok(_ok(r["coded"])[f"adamw/{codec}"])["state"]
+        assert set(parts) <= set(state) and state["exp_avg"].dtype == dtype.get(codec, torch.uint8)  # fp8: its bytes
+    if codec in codecs.BLOCK_SIZES:
+        block = codecs.BLOCK_SIZES[codec]
+        assert tuple(state["exp_avg_scale"].shape) == (17, 256 // block)
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_name)

@@ -25,7 +25,13 @@ for first moments, unsigned for second moments); int4 the signed dynamic map wit
 and the linear map without zero (lpmm's) for second moments. The rounding is torchao's search, computed with two
 reads of lookup tables indexed by a value's top bits (:func:`_build_tables`), which vectorise. As torchao and
 bitsandbytes do, a buffer with fewer than :data:`MIN_NUMEL` elements, or (block-wise codecs) not a whole number of
-blocks, stays in the state dtype; blocks never straddle two tensors, so each FSDP2 shard or chunk is coded on its own.
+blocks, stays in the state dtype; blocks never straddle two tensors.
+
+Under FSDP2 (a DTensor parameter split along dim 0) each rank codes its own shard, decided from the whole shape so
+that every rank decides alike: block-wise codecs only where every row is a whole number of blocks (then every shard
+is too, and its codes and scales are those of the whole tensor; nothing is communicated). The parts are DTensors
+split like the parameter; int4's codes and the scales are laid out one row per parameter row
+(:func:`part_templates` with ``rows``) instead of flat.
 
 bf16+ecc is heavyball's error-corrected bf16: the bf16 value plus an int8 correction that stores what rounding to
 bf16 lost, in units of ``ULP / 254``; decoding adds it back (about 16 significant bits for 3 bytes).
