@@ -23,7 +23,8 @@ One group of 2 ranks is spawned once for the whole file (spawning per optimizer 
 A second group, of 4 ranks, is spawned once for a subset of the optimizers (each sharding kind, and the per-tensor and
 whole-tensor reductions of both kinds of wrappers): 2 rows of the batch per rank, and the last layer's 5 rows split
 2/2/1/0, so one rank holds empty shards. Collectives among 4 processes on 2 cores cost ~10x more than among 2, so
-these runs take 7 steps (one synchronisation of Scout's k=6), not 20.
+these runs take 7 steps (one synchronisation of Scout's k=6), not 20. There too, AdamW with int8, int4 and fp8 state
+on a (3, 2048) weight split 1/1/1/0: the rank with an empty shard codes nothing and the state equals one process's.
 
 Set ``GRADSTEP_FSDP_DIFFS`` to a file name to have the FSDP2 tests append ``name<TAB>ranks<TAB>largest difference``
 lines to it (the table of the issue's closing note); the asserts do not depend on it.
@@ -99,6 +100,8 @@ DCP_FLAT_NAMES = ("adam", "lookahead", "scout", "ranger")
 # Coded state (the wide model, see make_model) through DCP, also flattened.
 DCP_CODED = ("adamw/int8", "adamw/int4/flat", "adamw/fp8", "adamw/bf16+ecc", "lookahead/int8")
 DCP_CASES = (*DCP_NAMES, *(f"{name}/flat" for name in DCP_FLAT_NAMES), *DCP_CODED)
+# On 4 ranks: a (3, 2048) weight split 1/1/1/0, so one rank codes an empty shard.
+EMPTY_SHARD_CODECS = ("int8", "int4", "fp8")
 CODEC_STEPS = 6  # each case's own single-process reference; a step of 44 coded runs costs as much as one of the others
 CHAIN_PARAM_NDIMS = (None, 1)
 TOL = 1e-10  # float64: rounding differences are ~1e-15
@@ -203,6 +206,27 @@ def coded_reference(case: str) -> tuple[list[torch.Tensor], dict[str, Any]]:
     finally:
         torch.set_num_threads(threads)
     return [p.detach() for p in model.parameters()], _param_state(opt, model[2].weight)
+
+
+def narrow_run(codec: str, world: int = 1, rank: int = 0, mesh: Any = None) -> dict[str, Any]:
+    """AdamW with ``codec`` on a (3, 2048) weight (whole blocks per row), 3 steps; FSDP2 when given a mesh."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2048, 3, bias=False).double()
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=mesh)
+    opt = gradstep.AdamW(model.parameters(), lr=0.01, state_codec=codec)
+    gen = torch.Generator().manual_seed(2)
+    rows = _my_rows(rank, world) if mesh is not None else slice(None)
+    for _ in range(3):
+        x = torch.randn(BATCH, 2048, generator=gen, dtype=torch.float64)
+        y = torch.randn(BATCH, 3, generator=gen, dtype=torch.float64)
+        opt.zero_grad()
+        ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+        opt.step()
+    local_rows = model.weight.to_local().shape[0] if mesh is not None else 3  # type: ignore[operator]
+    return {"params": _full(model), "state": _param_state(opt, model.weight), "rows": local_rows}
 
 
 def build_chain(params: Any, param_ndim: int | None) -> torch.optim.Optimizer:
@@ -599,6 +623,8 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         else:  # the 4-rank group: the FSDP2 subset only
             subset = [registry.get(name) for name in FSDP4_NAMES]
             _attempt(results, "fsdp", functools.partial(_fsdp_all, rank, world, mesh, subset, STEPS4))
+            for codec in EMPTY_SHARD_CODECS:
+                _attempt(results, f"narrow/{codec}", functools.partial(narrow_run, codec, world, rank, mesh))
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(results, f)
     finally:
@@ -728,6 +754,19 @@ def test_fsdp2_chunked_steps_match_single_process(ranks: list[dict[str, Any]]) -
 def test_fsdp2_on_4_ranks_matches_single_process(ranks4: list[dict[str, Any]], name: str) -> None:
     assert len(ranks4) == WORLD4
     _check_fsdp2(ranks4, name, STEPS4)
+
+
+@pytest.mark.parametrize("codec", EMPTY_SHARD_CODECS)
+def test_fsdp2_coded_state_with_an_empty_shard_matches_single_process(ranks4: list[dict[str, Any]], codec: str) -> None:
+    expected = narrow_run(codec)
+    assert "exp_avg_scale" in expected["state"]  # coded
+    assert [_ok(r[f"narrow/{codec}"])["rows"] for r in ranks4] == [1, 1, 1, 0]
+    for r in ranks4:
+        got = _ok(r[f"narrow/{codec}"])
+        assert max_difference(got["params"], expected["params"]) < TOL
+        assert got["state"].keys() == expected["state"].keys()
+        for key, value in expected["state"].items():
+            assert torch.equal(got["state"][key].reshape(-1), value.reshape(-1)), key
 
 
 def test_the_4_rank_subset_covers_every_sharding_kind() -> None:
