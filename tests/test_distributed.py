@@ -329,6 +329,19 @@ def _coded_all(rank: int, mesh: Any) -> dict[str, Any]:
             return {"params": _full(model), "state": _param_state(opt, weight), "placed": placed}
 
         _attempt(results, case, run)
+
+    def convert() -> str:
+        model = _fsdp_model(mesh, wide=True)
+        opt = gradstep.AdamW(model.parameters(), state_codec="int8")
+        train(model, opt, make_batches(1), _my_rows(rank))
+        target = gradstep.AdamW(model.parameters(), state_codec="int4")
+        try:
+            gradstep.convert_state_codec(target, opt.state_dict())
+        except NotImplementedError as exc:
+            return str(exc)
+        return "converted"
+
+    _attempt(results, "convert", convert)
     return results
 
 
@@ -722,6 +735,12 @@ def test_fsdp2_coded_state_matches_single_process_and_stays_split(ranks: list[di
         for key, (kind, placements, shape) in got["placed"].items():
             if shape[0] == weight_shape[0]:
                 assert kind == "DTensor" and placements == ("Shard(dim=0)",), key
+
+
+def test_convert_state_codec_refuses_dtensor_parameters_naming_one(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        message = _ok(_ok(r["coded"])["convert"])
+        assert message.startswith("convert_state_codec: param_groups[0]['params'][0] is a DTensor (FSDP2) parameter")
 
 
 @pytest.mark.parametrize("codec", [c for c in codecs.CODECS if c != "fp32"])

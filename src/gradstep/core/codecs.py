@@ -391,6 +391,8 @@ def convert_state_codec(optimizer: Any, state_dict: Mapping[str, Any]) -> dict[s
 
     Decoding is exact for fp32 and as exact as the source codec allows otherwise; encoding rounds as a step does.
     A part of the wrong dtype or shape raises ``ValueError`` naming the parameter; ``state_dict`` is not modified.
+    The state of DTensor (FSDP2) parameters is not converted between codecs (``NotImplementedError`` naming the
+    parameter); with the same codec it is kept as saved.
     """
     me = type(optimizer).__name__
     saved_groups = state_dict["param_groups"]
@@ -413,6 +415,15 @@ def convert_state_codec(optimizer: Any, state_dict: Mapping[str, Any]) -> dict[s
             if not pstate:
                 continue
             name = names[i] if names else f"param_groups[{gi}]['params'][{i}]"
+            if type(p).__name__ == "DTensor" and source == target:
+                continue  # already in the target codec: kept as saved
+            if type(p).__name__ == "DTensor":
+                # Its parts are shards laid out by rows (see part_templates): decoding them here would need the
+                # local shards of every part and the re-encoding the parameter's sharding, which this does not do.
+                raise NotImplementedError(
+                    f"convert_state_codec: {name} is a DTensor (FSDP2) parameter; convert the checkpoint with "
+                    "unsharded parameters, or keep the codec it was saved with"
+                )
             view = torch.view_as_real(p) if p.is_complex() else p
             dtype = optimizer._state_dtype(group, p)
             decoded = dict(pstate)
