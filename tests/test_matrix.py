@@ -165,7 +165,7 @@ def assert_tree_equal(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0, path
         for i, (x, y) in enumerate(zip(a, b)):
             assert_tree_equal(x, y, rtol, atol, f"{path}[{i}]")
     elif isinstance(a, float) and isinstance(b, float):  # LBFGS's prev_loss: a Python number, as torch keeps it
-        assert abs(b - a) <= atol + rtol * abs(a), f"{path}: {b!r} != {a!r}"
+        assert a == b or abs(b - a) <= atol + rtol * abs(a), f"{path}: {b!r} != {a!r}"
     else:
         assert a == b, f"{path}: {b!r} != {a!r}"
 
