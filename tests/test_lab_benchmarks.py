@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gradstep.lab import bench_workloads, cuda_check
+from gradstep.lab import bench_muon, bench_workloads, cuda_check
 
 
 def test_cuda_check_picks_the_cpu_without_a_gpu_and_every_path_is_within_its_float32_bound(tmp_path: Path) -> None:
@@ -42,3 +42,20 @@ def test_workloads_benchmark_times_every_row_against_torch_fused(tmp_path: Path)
     assert labels[0] == "torch fused" and "gradstep default" in labels and "gradstep compiled" not in labels
     assert workload["rows"][0]["x_torch_fused"] == 1.0
     assert all(r["ms"] > 0 for r in workload["rows"])
+
+
+def test_muon_benchmark_times_every_implementation_in_both_iterations(tmp_path: Path) -> None:
+    out = tmp_path / "muon.json"
+    argv = ["--size", "16", "--layers", "2", "--width", "8", "--steps", "1", "--warmup", "0", "--profile"]
+    assert bench_muon.main([*argv, "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [w["name"] for w in results["workloads"]] == ["reference", "transformer-48"]
+    assert [w["matrices"] for w in results["workloads"]] == [24, 8]
+    labels = {"torch.optim.Muon", "gradstep.Muon", "pytorch_optimizer.Muon"}
+    for workload in results["workloads"]:
+        rows = {(r["iteration"], r["implementation"]): r for r in workload["rows"]}
+        assert set(rows) == {(i, label) for i in ("bfloat16", "float32") for label in labels}
+        assert all(r["ms"] > 0 and 0 <= r["matmul_share"] <= 1 for r in rows.values())
+        assert rows[("float32", "gradstep.Muon")]["x_gradstep"] == 1.0
+    # The float32 patch of torch's iteration is undone after each step.
+    assert bench_muon.torch_muon._zeropower_via_newtonschulz is not bench_muon.torch_newton_schulz_float32
