@@ -46,7 +46,20 @@ def test_workloads_benchmark_times_every_row_against_torch_fused(tmp_path: Path)
 
 def test_muon_benchmark_times_every_implementation_in_both_iterations(tmp_path: Path) -> None:
     out = tmp_path / "muon.json"
-    argv = ["--size", "16", "--layers", "2", "--width", "8", "--steps", "1", "--warmup", "0", "--profile"]
+    argv = [
+        "--size",
+        "16",
+        "--layers",
+        "2",
+        "--width",
+        "8",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--profile",
+        "--no-screen",
+    ]
     assert bench_muon.main([*argv, "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert [w["name"] for w in results["workloads"]] == ["reference", "transformer-48"]

@@ -4,7 +4,7 @@ Workloads (2-D matrices only: Muon's parameters; every matrix gets a float32 gra
 
 - ``reference``: 24 matrices of 512x512 (``--size``);
 - ``transformer-48``: 48 transformer layers (``--layers``) of width 256 (``--width``), each a QKV matrix 768x256, an
-  output matrix 256x256 and the two MLP matrices 1024x256 and 256x1024 (192 matrices, 12.6M parameters).
+  output matrix 256x256 and the two MLP matrices 1024x256 and 256x1024 (192 matrices, 37.7M parameters).
 
 Each is timed twice: with the Newton-Schulz iteration in bfloat16 (torch's and pytorch_optimizer's fixed dtype,
 gradstep's default ``ns_dtype``) and in float32. torch and pytorch_optimizer have no option for the latter, so for
@@ -23,13 +23,16 @@ batch (a copy) and iterates with ``bmm``/``baddbmm`` into preallocated buffers, 
 Every gradient is restored from a copy before each step, outside the timed region (pytorch_optimizer's in-place blend
 would otherwise shrink its gradients step after step towards the denormal range).
 
+gradstep runs with its default non-finite screen (``nonfinite="error"``: one more read of each gradient and a host
+sync per step, work the other two do not do); ``--no-screen`` gives it ``nonfinite="ignore"``.
+
 Each row is the median of ``--steps`` timed steps after ``--warmup`` untimed ones. The three optimizers step in
 alternation (one step each per round, the order rotated every round), each on its own copy of the workload, so that
 a loaded machine slows all of them alike; the ratio is torch's (or pytorch_optimizer's) median over gradstep's.
 ``--profile`` adds, per row, one step under ``torch.profiler``: the share of its CPU time spent in matrix products
 (``mm``, ``addmm``, ``bmm``, ``baddbmm``) and what the rest is.
 
-    python -m gradstep.lab.bench_muon                          # both workloads, both iterations (about 5 minutes)
+    python -m gradstep.lab.bench_muon          # both workloads, both iterations (18 min on 2 busy cores)
     python -m gradstep.lab.bench_muon --only reference --iterations float32 --profile
     python -m gradstep.lab.bench_muon --width 1024 --threads 16   # the full-width transformer, on a larger machine
 """
@@ -108,7 +111,9 @@ def _pytorch_optimizer() -> Any:
     return pytorch_optimizer
 
 
-def implementations(iteration: str) -> dict[str, tuple[Factory, Callable[[], contextlib.AbstractContextManager]]]:
+def implementations(
+    iteration: str, nonfinite: str = "error"
+) -> dict[str, tuple[Factory, Callable[[], contextlib.AbstractContextManager]]]:
     """label -> (factory, the context each step runs in) for one iteration dtype."""
     f32 = iteration == "float32"
     plain: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
@@ -123,7 +128,9 @@ def implementations(iteration: str) -> dict[str, tuple[Factory, Callable[[], con
             torch_ctx,
         ),
         "gradstep.Muon": (
-            lambda ps: gradstep.Muon(ps, **HYPERS, ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_dtype=iteration),
+            lambda ps: gradstep.Muon(
+                ps, **HYPERS, ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_dtype=iteration, nonfinite=nonfinite
+            ),
             plain,
         ),
     }
@@ -162,10 +169,10 @@ def matmul_share(step: Callable[[], object]) -> dict[str, Any]:
 
 
 def time_alternating(
-    shapes: list[tuple[int, ...]], iteration: str, steps: int, warmup: int, profile: bool
+    shapes: list[tuple[int, ...]], iteration: str, steps: int, warmup: int, profile: bool, nonfinite: str = "error"
 ) -> list[dict[str, Any]]:
     """Every implementation on its own copy of ``shapes``, stepped in alternation (see the module docstring)."""
-    table = implementations(iteration)
+    table = implementations(iteration, nonfinite)
     opts = {}
     grads = {}
     for label, (factory, ctx) in table.items():
@@ -240,9 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     parser.add_argument("--profile", action="store_true", help="profile one more step of each row")
+    parser.add_argument(
+        "--no-screen", action="store_true", help="gradstep with nonfinite='ignore' (default: its non-finite screen)"
+    )
     parser.add_argument("--json", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    nonfinite = "ignore" if args.no_screen else "error"
     workloads = {
         "reference": reference_shapes(args.size),
         "transformer-48": transformer_shapes(args.layers, args.width),
@@ -254,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "width": args.width,
         "layers": args.layers,
         "size": args.size,
+        "gradstep_nonfinite": nonfinite,
         "workloads": [],
     }
     for name in args.only or list(workloads):
@@ -265,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [],
         }
         for iteration in args.iterations:
-            for row in time_alternating(shapes, iteration, args.steps, args.warmup, args.profile):
+            for row in time_alternating(shapes, iteration, args.steps, args.warmup, args.profile, nonfinite):
                 entry["rows"].append(row)
                 share = f" matmul {row['matmul_share']:.0%}" if "matmul_share" in row else ""
                 print(
