@@ -172,3 +172,34 @@ def test_many_optimizers_and_groups_all_stay_compiled() -> None:
         p.grad = torch.ones_like(p)
         opt.step()
     assert counters["stats"]["unique_graphs"] >= len(opts), "some optimizers fell back to eager"
+
+
+def test_compiled_graphs_do_not_grow_with_the_number_of_tensors() -> None:
+    # An element-wise chain is stepped in buckets of flattened tensors with symbolic lengths: one graph for 8 tensors
+    # of distinct shapes and one for 40 (a graph specialised to every shape would compile in a time growing with them).
+    def graphs(count: int) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        gen = torch.Generator().manual_seed(count)
+        shapes = [(i + 2, 3) if i % 2 else (5 * i + 2,) for i in range(count)] + [(), (4, 5)]
+        fast = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+        fast[-1] = torch.nn.Parameter(fast[-1].detach().t())  # non-contiguous: stepped apart
+        eager = [torch.nn.Parameter(p.detach().clone()) for p in fast]
+        opts = [
+            gradstep.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw) for ps, kw in ((fast, {"compiled": True}), (eager, {}))
+        ]
+        for t in range(3):
+            for ps, opt in zip((fast, eager), opts):
+                for i, p in enumerate(ps):
+                    p.grad = torch.sin(3 * p.detach() + t + i)
+                opt.step()
+        for a, b in zip(fast, eager):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        for pa, pb in zip(fast, eager):
+            for key, value in opts[1].state[pb].items():
+                assert opts[0].state[pa][key].shape == value.shape
+                torch.testing.assert_close(opts[0].state[pa][key], value, rtol=1e-12, atol=1e-12)
+        return int(counters["stats"]["unique_graphs"])
+
+    few, many = graphs(8), graphs(40)
+    assert few == many == 1, f"{few} graphs for 8 tensors, {many} for 40"

@@ -17,12 +17,13 @@ optional stochastic rounding of the write), complex parameters (as real views), 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import types
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -661,6 +662,9 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 if isinstance(hypers[name], float):
                     hypers[name] = _as_tensor(hypers[name], device)
             compiled = self.__dict__.setdefault("_compiled_steps", {})
+            if not any(coded) and all(t.elementwise and not t.needs_whole_group(group) for t in self._transforms):
+                self._bucketed_step(plan, hypers, zero, dtypes, compiled)
+                return
             key = (id(group), any(coded))
             if key not in compiled:
                 compiled[key] = compiled_group_step(coded_group_step if any(coded) else group_step)
@@ -695,6 +699,74 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 _take(dtypes, run),
                 _take(plan.opt_args, run),
                 _take(plan.names, run),
+            )
+
+    def _bucketed_step(
+        self,
+        plan: _Plan,
+        hypers: dict[str, Any],
+        zero: dict[str, Any],
+        dtypes: list[torch.dtype],
+        compiled: dict[Any, Callable[..., None]],
+    ) -> None:
+        """The compiled step of an element-wise chain, in buckets of :data:`BUCKET` flattened tensors.
+
+        One graph specialised to every shape of the group takes a compile time that grows with the number of
+        tensors. An element-wise chain does not care about shapes, so each tensor is stepped as a 1-D view of its
+        whole self (whole tensors: per-tensor policies such as ``nonfinite="zero"`` see the same tensor) whose length
+        is symbolic, in buckets of a constant size: the last bucket is padded with 2-element dummies, so that one
+        graph serves every bucket of the same dtypes. Tensors that cannot be stepped flat (fewer than 2 elements:
+        dynamo specialises sizes 0 and 1; non-contiguous ones; per-parameter options) are stepped eagerly: they are
+        few and small, and a graph of their own would cost a compilation of its own.
+        """
+        group = plan.group
+        runs: dict[tuple[Any, ...], list[int]] = {}
+        rest: list[int] = []
+        for i, (view, grad, state) in enumerate(zip(plan.views, plan.grads, plan.states)):
+            signature = _flat_signature(view, grad, state, dtypes[i]) if plan.opt_args[i] is None else None
+            if signature is None:
+                rest.append(i)
+            else:
+                runs.setdefault(signature, []).append(i)
+        pads = self.__dict__.setdefault("_bucket_pads", {})
+        for signature, run in runs.items():
+            # A code object per dtype signature: dynamo's limit of recompilations (8) is counted per code object.
+            key = (id(group), "buckets", signature)
+            if key not in compiled:
+                compiled[key] = compiled_group_step(group_step)
+                i = run[0]
+                pads[key] = [_pad_entry(plan.views[i], plan.grads[i], plan.states[i]) for _ in range(BUCKET - 1)]
+            for start in range(0, len(run), BUCKET):
+                bucket = run[start : start + BUCKET]
+                views = [plan.views[i].view(-1) for i in bucket]
+                grads = [plan.grads[i].view(-1) for i in bucket]
+                states = [_flat_state(plan.states[i]) for i in bucket]
+                given = [dict(state) for state in states]
+                padding = pads[key][: BUCKET - len(bucket)]
+                for view, grad, state in padding:
+                    views.append(view)
+                    grads.append(grad)
+                    states.append(state)
+                for view, grad, state in zip(views, grads, states):
+                    for t in (view, grad, *(x for x in state.values() if isinstance(x, Tensor) and x.dim() == 1)):
+                        torch._dynamo.mark_dynamic(t, 0)
+                dts = [dtypes[bucket[0]]] * BUCKET
+                names = _take(plan.names, bucket) + ["(padding)"] * len(padding)
+                with _no_duck_shapes():
+                    compiled[key](hypers, zero, self._transforms, views, grads, states, dts, [None] * BUCKET, names)
+                for i, before, after in zip(bucket, given, states):
+                    _store_flat_state(plan.states[i], plan.views[i], before, after)
+        if rest:
+            group_step(
+                hypers,
+                zero,
+                self._transforms,
+                _take(plan.views, rest),
+                _take(plan.grads, rest),
+                _take(plan.states, rest),
+                _take(dtypes, rest),
+                _take(plan.opt_args, rest),
+                _take(plan.names, rest),
             )
 
     def _fused_step(self, plan: _Plan, dtypes: list[torch.dtype]) -> bool:
@@ -993,6 +1065,62 @@ SCHEDULED_HYPERS = ("lr", "betas", "momentum", "weight_decay")
 """Hyperparameters that LR schedulers change: 0-d tensors on the fast path, so that changing them never recompiles."""
 
 
+BUCKET = 8
+"""Tensors per compiled call on the bucketed fast path (element-wise chains): a constant, so that the number of graphs
+does not grow with the number of tensors; larger buckets mean fewer Python calls per step and a longer first step."""
+
+
+def _flat_signature(view: Tensor, grad: Tensor, state: dict[str, Any], dtype: torch.dtype) -> tuple[Any, ...] | None:
+    """What a bucket's graph depends on besides the lengths, or None for a tensor that cannot be stepped flat."""
+    if view.numel() < 2 or not view.is_contiguous() or grad.layout != torch.strided or not grad.is_contiguous():
+        return None
+    entries = []
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            if value.dim() > 0 and (value.shape != view.shape or not value.is_contiguous()):
+                return None
+            entries.append((key, value.dtype, value.dim() > 0))
+        else:
+            entries.append((key, type(value)))
+    return (view.dtype, view.requires_grad, grad.dtype, dtype, tuple(entries))
+
+
+def _flat_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.view(-1) if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in state.items()}
+
+
+def _pad_entry(view: Tensor, grad: Tensor, state: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """A 2-element dummy parameter, zero gradient and state shaped like ``state``, filling a partial bucket."""
+    pad = {
+        k: (torch.zeros(2, dtype=v.dtype, device=v.device) if v.dim() > 0 else v.clone())
+        if isinstance(v, Tensor)
+        else v
+        for k, v in state.items()
+    }
+    return view.new_zeros(2).requires_grad_(view.requires_grad), grad.new_zeros(2), pad
+
+
+def _store_flat_state(state: dict[str, Any], view: Tensor, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Write back what the step replaced (rather than updated in place) in a flattened state."""
+    for key, value in after.items():
+        if before.get(key) is value:
+            continue
+        if isinstance(value, Tensor) and value.dim() == 1 and value.numel() == view.numel() and view.dim() != 1:
+            value = value.view(view.shape)
+        if key in state and isinstance(state[key], Tensor) and state[key].dim() > 0 and isinstance(value, Tensor):
+            state[key].copy_(value)
+        else:
+            state[key] = value
+
+
+@contextlib.contextmanager
+def _no_duck_shapes() -> Iterator[None]:
+    """Trace without duck shapes: two tensors of one bucket that happen to have the same length must not share a
+    symbol, or the graph would be guarded on that equality and recompiled for the next bucket."""
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        yield
+
+
 def compiled_group_step(function: Callable[..., None] | None = None) -> Callable[..., None]:
     """A fresh ``torch.compile``'d :func:`group_step` (or ``function``) with a code object of its own.
 
@@ -1002,6 +1130,7 @@ def compiled_group_step(function: Callable[..., None] | None = None) -> Callable
     function = function or group_step
     code = function.__code__.replace()
     fn = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__)
+    # Bucketed calls mark their flattened lengths dynamic themselves (mark_dynamic); nothing else is dynamic.
     return torch.compile(fn, dynamic=False)
 
 
