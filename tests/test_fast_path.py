@@ -175,9 +175,10 @@ def test_many_optimizers_and_groups_all_stay_compiled() -> None:
 
 
 def test_compiled_graphs_do_not_grow_with_the_number_of_tensors() -> None:
-    # An element-wise chain is stepped in buckets of flattened tensors with symbolic lengths: one graph for 8 tensors
-    # of distinct shapes and one for 40 (a graph specialised to every shape would compile in a time growing with them).
-    def graphs(count: int) -> int:
+    # An element-wise chain is stepped in buckets of flattened tensors with symbolic lengths: the graph compiled for
+    # 40 tensors of distinct shapes is the one for 8 (one graph specialised to every shape would trace, and compile,
+    # work growing with the number of tensors).
+    def compile_work(count: int) -> tuple[int, int]:
         torch._dynamo.reset()
         counters.clear()
         gen = torch.Generator().manual_seed(count)
@@ -199,7 +200,8 @@ def test_compiled_graphs_do_not_grow_with_the_number_of_tensors() -> None:
             for key, value in opts[1].state[pb].items():
                 assert opts[0].state[pa][key].shape == value.shape
                 torch.testing.assert_close(opts[0].state[pa][key], value, rtol=1e-12, atol=1e-12)
-        return int(counters["stats"]["unique_graphs"])
+        return int(counters["stats"]["unique_graphs"]), int(counters["stats"]["calls_captured"])
 
-    few, many = graphs(8), graphs(40)
-    assert few == many == 1, f"{few} graphs for 8 tensors, {many} for 40"
+    (few_graphs, few_ops), (many_graphs, many_ops) = compile_work(8), compile_work(40)
+    assert few_graphs == many_graphs == 1, f"{few_graphs} graphs for 8 tensors, {many_graphs} for 40"
+    assert 0 < many_ops <= few_ops, f"{few_ops} operations traced for 8 tensors, {many_ops} for 40"

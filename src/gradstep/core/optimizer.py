@@ -662,7 +662,9 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 if isinstance(hypers[name], float):
                     hypers[name] = _as_tensor(hypers[name], device)
             compiled = self.__dict__.setdefault("_compiled_steps", {})
-            if not any(coded) and all(t.elementwise and not t.needs_whole_group(group) for t in self._transforms):
+            # Inside a user's torch.compile the whole step is traced into the user's graph: no buckets there.
+            bucketed = not any(coded) and not torch.compiler.is_compiling()
+            if bucketed and all(t.elementwise and not t.needs_whole_group(group) for t in self._transforms):
                 self._bucketed_step(plan, hypers, zero, dtypes, compiled)
                 return
             key = (id(group), any(coded))
@@ -733,7 +735,9 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             # A code object per dtype signature: dynamo's limit of recompilations (8) is counted per code object.
             key = (id(group), "buckets", signature)
             if key not in compiled:
-                compiled[key] = compiled_group_step(group_step)
+                # Lengths are marked dynamic below; automatic dynamic (dynamic=None) serves the frames a graph break
+                # resumes in, whose tensors carry no mark: they recompile once with dynamic lengths, not per bucket.
+                compiled[key] = compiled_group_step(group_step, dynamic=None)
                 i = run[0]
                 pads[key] = [_pad_entry(plan.views[i], plan.grads[i], plan.states[i]) for _ in range(BUCKET - 1)]
             for start in range(0, len(run), BUCKET):
@@ -749,7 +753,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                     states.append(state)
                 for view, grad, state in zip(views, grads, states):
                     for t in (view, grad, *(x for x in state.values() if isinstance(x, Tensor) and x.dim() == 1)):
-                        torch._dynamo.mark_dynamic(t, 0)
+                        torch._dynamo.maybe_mark_dynamic(t, 0)
                 dts = [dtypes[bucket[0]]] * BUCKET
                 names = _take(plan.names, bucket) + ["(padding)"] * len(padding)
                 with _no_duck_shapes():
@@ -1074,7 +1078,7 @@ def _flat_signature(view: Tensor, grad: Tensor, state: dict[str, Any], dtype: to
     """What a bucket's graph depends on besides the lengths, or None for a tensor that cannot be stepped flat."""
     if view.numel() < 2 or not view.is_contiguous() or grad.layout != torch.strided or not grad.is_contiguous():
         return None
-    entries = []
+    entries: list[tuple[Any, ...]] = []
     for key, value in state.items():
         if isinstance(value, Tensor):
             if value.dim() > 0 and (value.shape != view.shape or not value.is_contiguous()):
@@ -1082,7 +1086,7 @@ def _flat_signature(view: Tensor, grad: Tensor, state: dict[str, Any], dtype: to
             entries.append((key, value.dtype, value.dim() > 0))
         else:
             entries.append((key, type(value)))
-    return (view.dtype, view.requires_grad, grad.dtype, dtype, tuple(entries))
+    return (view.device, view.dtype, view.requires_grad, grad.dtype, dtype, tuple(entries))
 
 
 def _flat_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -1117,11 +1121,13 @@ def _store_flat_state(state: dict[str, Any], view: Tensor, before: dict[str, Any
 def _no_duck_shapes() -> Iterator[None]:
     """Trace without duck shapes: two tensors of one bucket that happen to have the same length must not share a
     symbol, or the graph would be guarded on that equality and recompiled for the next bucket."""
-    with torch.fx.experimental._config.patch(use_duck_shape=False):
+    with torch.fx.experimental._config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
         yield
 
 
-def compiled_group_step(function: Callable[..., None] | None = None) -> Callable[..., None]:
+def compiled_group_step(
+    function: Callable[..., None] | None = None, dynamic: bool | None = False
+) -> Callable[..., None]:
     """A fresh ``torch.compile``'d :func:`group_step` (or ``function``) with a code object of its own.
 
     Dynamo keeps its cache, and its limit of recompilations (8), per code object: one shared compiled function would
@@ -1130,8 +1136,7 @@ def compiled_group_step(function: Callable[..., None] | None = None) -> Callable
     function = function or group_step
     code = function.__code__.replace()
     fn = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__)
-    # Bucketed calls mark their flattened lengths dynamic themselves (mark_dynamic); nothing else is dynamic.
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=dynamic)
 
 
 _T = TypeVar("_T")
