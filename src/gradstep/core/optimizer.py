@@ -737,7 +737,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             if key not in compiled:
                 # Lengths are marked dynamic below; automatic dynamic (dynamic=None) serves the frames a graph break
                 # resumes in, whose tensors carry no mark: they recompile once with dynamic lengths, not per bucket.
-                compiled[key] = compiled_group_step(group_step, dynamic=None)
+                threads = 1 if signature[0] else None
+                compiled[key] = compiled_group_step(group_step, dynamic=None, threads=threads)
                 i = run[0]
                 pads[key] = [_pad_entry(plan.views[i], plan.grads[i], plan.states[i]) for _ in range(BUCKET - 1)]
             for start in range(0, len(run), BUCKET):
@@ -1074,6 +1075,10 @@ BUCKET = 8
 does not grow with the number of tensors; larger buckets mean fewer Python calls per step and a longer first step."""
 
 
+SMALL = 1 << 16
+"""CPU tensors of at most this many elements are stepped by single-threaded kernels (see :func:`_flat_signature`)."""
+
+
 def _flat_signature(view: Tensor, grad: Tensor, state: dict[str, Any], dtype: torch.dtype) -> tuple[Any, ...] | None:
     """What a bucket's graph depends on besides the lengths, or None for a tensor that cannot be stepped flat."""
     if view.numel() < 2 or not view.is_contiguous() or grad.layout != torch.strided or not grad.is_contiguous():
@@ -1086,7 +1091,10 @@ def _flat_signature(view: Tensor, grad: Tensor, state: dict[str, Any], dtype: to
             entries.append((key, value.dtype, value.dim() > 0))
         else:
             entries.append((key, type(value)))
-    return (view.device, view.dtype, view.requires_grad, grad.dtype, dtype, tuple(entries))
+    # Small tensors apart: with a symbolic length inductor cannot see that a loop is too short to be worth a
+    # parallel region, and entering one per small tensor costs more than the tensor's update on the CPU.
+    small = view.device.type == "cpu" and view.numel() <= SMALL
+    return (small, view.device, view.dtype, view.requires_grad, grad.dtype, dtype, tuple(entries))
 
 
 def _flat_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -1126,7 +1134,7 @@ def _no_duck_shapes() -> Iterator[None]:
 
 
 def compiled_group_step(
-    function: Callable[..., None] | None = None, dynamic: bool | None = False
+    function: Callable[..., None] | None = None, dynamic: bool | None = False, threads: int | None = None
 ) -> Callable[..., None]:
     """A fresh ``torch.compile``'d :func:`group_step` (or ``function``) with a code object of its own.
 
@@ -1136,7 +1144,7 @@ def compiled_group_step(
     function = function or group_step
     code = function.__code__.replace()
     fn = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__)
-    return torch.compile(fn, dynamic=dynamic)
+    return torch.compile(fn, dynamic=dynamic, options=None if threads is None else {"cpp.threads": threads})
 
 
 _T = TypeVar("_T")
