@@ -655,6 +655,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         if group["compiled"]:
             # One fused pass per group: inductor keeps the temporaries in registers, so no chunking.
             device = plan.views[0].device
+            eager_hypers = dict(hypers)  # numbers, as the eager path takes them
             for name in SCHEDULED_HYPERS:
                 if name in hypers:
                     hypers[name] = _as_tensor(hypers[name], device)
@@ -665,7 +666,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             # Inside a user's torch.compile the whole step is traced into the user's graph: no buckets there.
             bucketed = not any(coded) and not torch.compiler.is_compiling()
             if bucketed and all(t.elementwise and not t.needs_whole_group(group) for t in self._transforms):
-                self._bucketed_step(plan, hypers, zero, dtypes, compiled)
+                self._bucketed_step(plan, hypers, eager_hypers, zero, dtypes, compiled)
                 return
             key = (id(group), any(coded))
             if key not in compiled:
@@ -707,6 +708,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         self,
         plan: _Plan,
         hypers: dict[str, Any],
+        eager_hypers: dict[str, Any],
         zero: dict[str, Any],
         dtypes: list[torch.dtype],
         compiled: dict[Any, Callable[..., None]],
@@ -763,7 +765,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                     _store_flat_state(plan.states[i], plan.views[i], before, after)
         if rest:
             group_step(
-                hypers,
+                eager_hypers,
                 zero,
                 self._transforms,
                 _take(plan.views, rest),
