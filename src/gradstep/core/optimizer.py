@@ -653,7 +653,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             codec = group["state_codec"]
             step = functools.partial(coded_group_step, codec, coded) if not group["compiled"] else step
         if group["compiled"]:
-            # One fused pass per group: inductor keeps the temporaries in registers, so no chunking.
+            # Fused passes (one per bucket of an element-wise chain, else per group): inductor keeps the temporaries
+            # in registers, so no chunking.
             device = plan.views[0].device
             eager_hypers = dict(hypers)  # numbers, as the eager path takes them
             for name in SCHEDULED_HYPERS:
