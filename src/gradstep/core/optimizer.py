@@ -664,8 +664,10 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 if isinstance(hypers[name], float):
                     hypers[name] = _as_tensor(hypers[name], device)
             compiled = self.__dict__.setdefault("_compiled_steps", {})
-            # Inside a user's torch.compile the whole step is traced into the user's graph: no buckets there.
-            bucketed = not any(coded) and not torch.compiler.is_compiling()
+            # Inside a user's torch.compile the whole step is traced into the user's graph: no buckets there. On a
+            # CPU that inductor does not vectorise for (no AVX2/AVX-512/NEON/SVE, or ATEN_CPU_CAPABILITY=default),
+            # its C++ for symbolic lengths does not compile (it still names at::vec): one graph per group there.
+            bucketed = not any(coded) and not torch.compiler.is_compiling() and _vectorised_codegen(device)
             if bucketed and all(t.elementwise and not t.needs_whole_group(group) for t in self._transforms):
                 self._bucketed_step(plan, hypers, eager_hypers, zero, dtypes, compiled)
                 return
@@ -1080,6 +1082,19 @@ does not grow with the number of tensors; larger buckets mean fewer Python calls
 
 SMALL = 1 << 16
 """CPU tensors of at most this many elements are stepped by single-threaded kernels (see :func:`_flat_signature`)."""
+
+
+@functools.cache
+def _cpu_vectorised_codegen() -> bool:
+    from torch._inductor import cpu_vec_isa
+
+    return bool(cpu_vec_isa.pick_vec_isa())
+
+
+def _vectorised_codegen(device: torch.device) -> bool:
+    """Whether inductor generates vectorised code for ``device`` (always on CUDA; on the CPU, where it has a vector
+    instruction set to use): the bucketed compiled step needs it."""
+    return device.type != "cpu" or _cpu_vectorised_codegen()
 
 
 def _flat_signature(view: Tensor, grad: Tensor, state: dict[str, Any], dtype: torch.dtype) -> tuple[Any, ...] | None:
