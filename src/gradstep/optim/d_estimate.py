@@ -85,9 +85,10 @@ class DEstimate(ParamWritingTransform):
         lr = max(lrs)
         for i, value in enumerate(lrs):
             if value not in (lr, 0.0):
+                name = type(self).__name__.removeprefix("ScaleBy")  # ScaleByProdigy: Prodigy
                 raise ValueError(
-                    f"Invalid lr: param group {i} has lr={value!r}, another {lr!r} ({type(self).__name__[:-8] or 'it'}"
-                    " estimates one step size for the whole model: every group's lr must be the same, or 0)"
+                    f"Invalid lr: param group {i} has lr={value!r}, another {lr!r} ({name} estimates one step size "
+                    "for the whole model: every group's lr must be the same, or 0)"
                 )
         return lr
 
