@@ -91,8 +91,8 @@ FSDP4_NAMES = (
     "psgd_kron",
     "prodigy",
 )
-# Optimizers also run under DDP and ZeRO: elementwise, per-tensor-reduction and whole-matrix ones.
-DDP_NAMES = ("adamw", "lamb", "adamp", "lars", "tadam", "muon", "soap")
+# Optimizers also run under DDP and ZeRO: elementwise, per-tensor-reduction and every whole-matrix one.
+DDP_NAMES = ("adamw", "lamb", "adamp", "lars", "tadam", "muon", "normuon", "shampoo", "soap", "psgd_kron")
 DCP_NAMES = ("adam", "lamb", "lookahead", "scout", "ranger", "muon", "normuon", "shampoo", "soap", "psgd_kron")
 # Also through DCP's flattened form (StateDictOptions(flatten_optimizer_state_dict=True)), which rebuilds the state
 # from the live optimizer's keys.
