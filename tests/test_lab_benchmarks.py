@@ -71,4 +71,4 @@ def test_muon_benchmark_times_every_implementation_in_both_iterations(tmp_path: 
         assert all(r["ms"] > 0 and 0 <= r["matmul_share"] <= 1 for r in rows.values())
         assert rows[("float32", "gradstep.Muon")]["x_gradstep"] == 1.0
     # The float32 patch of torch's iteration is undone after each step.
-    assert bench_muon.torch_muon._zeropower_via_newtonschulz is not bench_muon.torch_newton_schulz_float32
+    assert bench_muon.torch_muon._zeropower_via_newtonschulz is not bench_muon.torch_newton_schulz_uncast

@@ -2,8 +2,9 @@
 
 torch always runs the Newton–Schulz iteration in bfloat16, whose rounding (2^-8) would hide any difference in the
 update rule. The float64 parity runs therefore replace torch's ``_zeropower_via_newtonschulz`` by the same function
-without the cast (a literal copy, :func:`_ns_without_cast`) and compare it with ``ns_dtype=None``; the bfloat16
-path is compared, unpatched, over single steps with a bound derived from bfloat16's precision.
+without the cast (a literal copy, :func:`gradstep.lab.bench_muon.torch_newton_schulz_uncast`) and compare it with
+``ns_dtype=None``; the bfloat16 path is compared, unpatched, over single steps with a bound derived from bfloat16's
+precision.
 
 Every parity run: 200 float64 steps, matrices of several shapes (tall, wide, square, two of one shape, so batching
 acts) dealt into two groups with different hyperparameters, the gradient ``sin(3p + t + i) + 0.3p`` from each side's
@@ -21,6 +22,7 @@ from torch import Tensor
 
 import gradstep
 from gradstep.core import matrix
+from gradstep.lab.bench_muon import torch_newton_schulz_uncast
 from gradstep.optim.muon import NS_COEFFICIENTS
 from parity import make_params, relative_difference, torch_groups
 from test_parity_adaptive import run_with_state
@@ -29,25 +31,9 @@ SHAPES: tuple[tuple[int, ...], ...] = ((8, 16), (16, 8), (6, 6), (8, 16), (5, 3)
 TOL = 1e-6
 
 
-def _ns_without_cast(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float) -> Tensor:
-    """torch's ``_zeropower_via_newtonschulz`` (torch 2.13), line for line, without ``grad.bfloat16()``."""
-    a, b, c = ns_coefficients
-    ortho_grad = grad.clone()
-    if grad.size(0) > grad.size(1):
-        ortho_grad = ortho_grad.T
-    ortho_grad.div_(ortho_grad.norm().clamp(min=eps))
-    for _ in range(ns_steps):
-        gram_matrix = ortho_grad @ ortho_grad.T
-        gram_update = torch.addmm(gram_matrix, gram_matrix, gram_matrix, beta=b, alpha=c)
-        ortho_grad = torch.addmm(ortho_grad, gram_update, ortho_grad, beta=a)
-    if grad.size(0) > grad.size(1):
-        ortho_grad = ortho_grad.T
-    return ortho_grad
-
-
 @pytest.fixture
 def exact_torch_muon(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", _ns_without_cast)
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", torch_newton_schulz_uncast)
 
 
 CONFIGS: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = [
@@ -154,7 +140,7 @@ def _reference_step(p: Tensor, grad: Tensor, fn: str | None = None) -> Tensor:
     """One step of torch's rule (momentum 0) on one matrix, in float64."""
     a, b = p.shape
     scale = 0.2 * max(a, b) ** 0.5 if fn == "match_rms_adamw" else max(1.0, a / b) ** 0.5
-    return p - 0.1 * scale * _ns_without_cast(grad, NS_COEFFICIENTS, 5, 1e-7)
+    return p - 0.1 * scale * torch_newton_schulz_uncast(grad, NS_COEFFICIENTS, 5, 1e-7)
 
 
 def test_batch_mode_orthogonalizes_each_matrix_of_a_3d_weight() -> None:

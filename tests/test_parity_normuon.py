@@ -22,9 +22,9 @@ from pytorch_optimizer.optimizer.utils.matrix import NS_COEFFICIENTS
 from torch import Tensor
 
 import gradstep
+from gradstep.lab.bench_muon import torch_newton_schulz_uncast
 from parity import torch_groups
 from test_parity_adaptive import run_with_state
-from test_parity_muon import _ns_without_cast
 
 SHAPES: tuple[tuple[int, ...], ...] = ((8, 12), (4, 3, 3, 3), (12, 8), (6, 6))
 TOL = 1e-6
@@ -116,7 +116,7 @@ class PaperNorMuon(torch.optim.Optimizer):
                     state["second_momentum_buffer"] = torch.zeros(g.shape[0], 1, dtype=g.dtype)
                 m, v = state["momentum_buffer"].view(g.shape), state["second_momentum_buffer"]
                 m.copy_(group["momentum"] * m + (1 - group["momentum"]) * g)  # M_t = b1 M + (1 - b1) G
-                o = _ns_without_cast(m, (3.4445, -4.7750, 2.0315), 5, 1e-7)  # O_t = NS5(M_t)
+                o = torch_newton_schulz_uncast(m, (3.4445, -4.7750, 2.0315), 5, 1e-7)  # O_t = NS5(M_t)
                 v.copy_(group["beta2"] * v + (1 - group["beta2"]) * (o * o).mean(dim=1, keepdim=True))
                 o_hat = o / (v.sqrt() + group["eps"])  # row-wise
                 rows, cols = o.shape

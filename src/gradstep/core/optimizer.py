@@ -138,6 +138,17 @@ class _Plan:
         # Coded state keys per parameter, where decided from other views than plan.views (DTensors: the whole shapes).
         self.coded: list[list[tuple[str, bool]]] | None = None
 
+    def step_args(self, indices: list[int], dtypes: list[torch.dtype]) -> tuple[list[Any], ...]:
+        """:func:`group_step`'s per-parameter arguments for the parameters at ``indices`` (``dtypes``: theirs)."""
+        return (
+            _take(self.views, indices),
+            _take(self.grads, indices),
+            _take(self.states, indices),
+            dtypes,
+            _take(self.opt_args, indices),
+            _take(self.names, indices),
+        )
+
 
 class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
     """An optimizer built from a chain of :class:`~gradstep.core.transform.Transform` objects.
@@ -613,17 +624,8 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
         hypers = {name: _zero_dim(group[name]) for name in self.declared_hypers()}
         hypers["foreach"] = False
         zero = {name: _zero_flags(hypers[name]) for name in SCHEDULED_HYPERS if name in hypers}
-        group_step(
-            hypers,
-            zero,
-            self._transforms,
-            _take(plan.views, sparse),
-            _take(plan.grads, sparse),
-            _take(plan.states, sparse),
-            [self._state_dtype(group, plan.params[i]) for i in sparse],
-            _take(plan.opt_args, sparse),
-            _take(plan.names, sparse),
-        )
+        dtypes = [self._state_dtype(group, plan.params[i]) for i in sparse]
+        group_step(hypers, zero, self._transforms, *plan.step_args(sparse, dtypes))
         rest = _Plan(plan.index, group)
         rest.params, rest.views, rest.grads = (_take(xs, dense) for xs in (plan.params, plan.views, plan.grads))
         rest.states, rest.names = _take(plan.states, dense), _take(plan.names, dense)
@@ -695,17 +697,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 step = functools.partial(coded_group_step, group["state_codec"], _take(coded, run))
                 if sliceable and len(run) == 1 and limit > 0 and plan.views[run[0]].numel() > limit:
                     step = functools.partial(sliced_coded_step, group["state_codec"], _take(coded, run), limit)
-            step(
-                hypers,
-                zero,
-                self._transforms,
-                _take(plan.views, run),
-                _take(plan.grads, run),
-                _take(plan.states, run),
-                _take(dtypes, run),
-                _take(plan.opt_args, run),
-                _take(plan.names, run),
-            )
+            step(hypers, zero, self._transforms, *plan.step_args(run, _take(dtypes, run)))
 
     def _bucketed_step(
         self,
@@ -767,17 +759,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 for i, before, after in zip(bucket, given, states):
                     _store_flat_state(plan.states[i], plan.views[i], before, after)
         if rest:
-            group_step(
-                eager_hypers,
-                zero,
-                self._transforms,
-                _take(plan.views, rest),
-                _take(plan.grads, rest),
-                _take(plan.states, rest),
-                _take(dtypes, rest),
-                _take(plan.opt_args, rest),
-                _take(plan.names, rest),
-            )
+            group_step(eager_hypers, zero, self._transforms, *plan.step_args(rest, _take(dtypes, rest)))
 
     def _fused_step(self, plan: _Plan, dtypes: list[torch.dtype]) -> bool:
         """Step the group with torch's fused kernel where its chain and options allow it (see :mod:`.fused`)."""

@@ -9,7 +9,7 @@ Workloads (2-D matrices only: Muon's parameters; every matrix gets a float32 gra
 Each is timed twice: with the Newton-Schulz iteration in bfloat16 (torch's and pytorch_optimizer's fixed dtype,
 gradstep's default ``ns_dtype``) and in float32. torch and pytorch_optimizer have no option for the latter, so for
 those rows the benchmark replaces, while they step, torch's ``torch.optim._muon._zeropower_via_newtonschulz`` by the
-same function without its ``bfloat16()`` cast (:func:`torch_newton_schulz_float32`, line for line torch 2.13's) and
+same function without its ``bfloat16()`` cast (:func:`torch_newton_schulz_uncast`, line for line torch 2.13's) and
 calls pytorch_optimizer's ``zero_power_via_newton_schulz_5`` with ``dtype=torch.float32``.
 
 The hyperparameters are one configuration on all three sides (:data:`HYPERS`): lr 0.02, decoupled weight decay 0.1
@@ -75,12 +75,13 @@ def transformer_shapes(layers: int = 48, width: int = 256) -> list[tuple[int, ..
     return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * layers
 
 
-def torch_newton_schulz_float32(
+def torch_newton_schulz_uncast(
     grad: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
 ) -> Tensor:
-    """torch's ``_zeropower_via_newtonschulz`` (torch 2.13), line for line, iterating in float32 (not bfloat16)."""
+    """torch's ``_zeropower_via_newtonschulz`` (torch 2.13), line for line, without ``grad.bfloat16()``: it iterates
+    in the gradient's dtype (float32 here; the parity tests' float64)."""
     a, b, c = ns_coefficients
-    ortho_grad = grad.to(torch.float32, copy=True)
+    ortho_grad = grad.clone()
     if grad.size(0) > grad.size(1):
         ortho_grad = ortho_grad.T
     ortho_grad.div_(ortho_grad.norm().clamp(min=eps))
@@ -118,7 +119,7 @@ def implementations(
     f32 = iteration == "float32"
     plain: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     torch_ctx = (
-        functools.partial(_patched, torch_muon, "_zeropower_via_newtonschulz", torch_newton_schulz_float32)
+        functools.partial(_patched, torch_muon, "_zeropower_via_newtonschulz", torch_newton_schulz_uncast)
         if f32
         else plain
     )
