@@ -64,3 +64,41 @@ def test_adaptations_are_read_from_the_registry() -> None:
     assert bench.adaptations("adam", TINY, ("eager", "compiled")) == []
     # L-BFGS has no compiled path: its compiled row is dropped, not attempted.
     assert bench._modes_for("lbfgs", ("eager", "compiled")) == ("eager",)
+
+
+def test_rotated_measurement_times_every_implementation_in_turn_and_reports_a_failing_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    shapes = bench._eligible("lamb", TINY)
+    stepped: list[str] = []
+
+    def counting(label: str, factory: bench.Factory) -> bench.Factory:
+        def build(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+            opt = factory(params)
+            opt.register_step_post_hook(lambda *_: stepped.append(label))
+            return opt
+
+        return build
+
+    def broken(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        raise RuntimeError("cannot take this workload")
+
+    peers = implementations()["lamb"]
+    factories = {label: counting(label, f) for label, f in peers.items()}
+    factories["broken"] = broken
+    results = bench.measure_rotated(factories, shapes, "cpu", steps=3, warmup=1)
+    assert set(results) == set(peers), "the failing implementation is left out, the others kept"
+    assert "broken: RuntimeError: cannot take this workload" in capsys.readouterr().out
+    for ms, first, state, _peak in results.values():
+        assert ms > 0 and first > 0 and state >= 0
+    labels = list(peers)
+    # first step and warm-up per implementation, then rounds of one step each, each round starting one further on
+    timed = stepped[2 * len(labels) : 2 * len(labels) + 3 * len(labels)]
+    rounds = [timed[i * len(labels) : (i + 1) * len(labels)] for i in range(3)]
+    assert all(sorted(r) == sorted(labels) for r in rounds)
+    assert [r[0] for r in rounds] == [labels[i % len(labels)] for i in range(3)]
+
+
+def test_bench_run_rotates_when_asked() -> None:
+    _bw, rows = bench.run(["lars"], scale=1e-6, steps=2, warmup=0, modes=("eager",), peers=True, rotate=True)
+    assert {r.implementation for r in rows} == {"gradstep eager", *implementations()["lars"]}

@@ -214,40 +214,84 @@ def measure(
 ) -> tuple:
     """Median ms/step, first-step seconds, state bytes per parameter, peak extra MB; ``closure``: step(closure)."""
     torch._dynamo.reset()  # each measurement compiles from scratch: first-step times are comparable
-    params = _params(shapes, device)
-    opt = factory(params)
-    train = getattr(opt, "train", None)
-    if callable(train):  # schedule-free optimizers step in training mode
-        train()
-    loss = _linear_loss_closure(params) if closure else None
-
-    def step() -> object:
-        return opt.step(loss) if loss is not None else opt.step()
-
-    _sync(device)
-    start = time.perf_counter()
-    step()
-    _sync(device)
-    first = time.perf_counter() - start
+    timed = _Timed(factory, shapes, device, closure)
     for _ in range(warmup):
-        step()
-    times = []
+        timed.step()
     for _ in range(steps):
-        _sync(device)
+        timed.time_one()
+    return timed.result()
+
+
+def measure_rotated(
+    factories: dict[str, Factory],
+    shapes: list[tuple[int, ...]],
+    device: str,
+    steps: int,
+    warmup: int,
+    closure: bool = False,
+) -> dict[str, tuple]:
+    """:func:`measure` for several implementations of one optimizer (by label), their timed steps taken in rotation.
+
+    Each round times one step of every implementation, starting from a different one each round, so that a change
+    in the machine's load (other processes, frequency) falls on all of them alike instead of on whichever was timed
+    during it; every implementation keeps its own parameters and state. Compiled code is reset once, before the
+    first implementation is built. An implementation that fails on this workload is reported and left out.
+    """
+    torch._dynamo.reset()
+    timed: dict[str, _Timed] = {}
+    for label, factory in factories.items():
+        try:
+            timed[label] = _Timed(factory, shapes, device, closure)
+            for _ in range(warmup):
+                timed[label].step()
+        except Exception as exc:  # a peer that fails on this workload is reported, not fatal
+            print(f"# {label}: {type(exc).__name__}: {exc}")
+            timed.pop(label, None)
+    labels = list(timed)
+    for round_ in range(steps):
+        for i in range(len(labels)):
+            timed[labels[(round_ + i) % len(labels)]].time_one()
+    return {label: timed[label].result() for label in labels}
+
+
+class _Timed:
+    """One implementation under measurement: its parameters, optimizer, first-step time and timed steps."""
+
+    def __init__(self, factory: Factory, shapes: list[tuple[int, ...]], device: str, closure: bool) -> None:
+        self.device = device
+        self.params = _params(shapes, device)
+        self.opt = factory(self.params)
+        train = getattr(self.opt, "train", None)
+        if callable(train):  # schedule-free optimizers step in training mode
+            train()
+        self.loss = _linear_loss_closure(self.params) if closure else None
+        self.times: list[float] = []
+        self.first = self.time_one(record=False)
+
+    def step(self) -> object:
+        return self.opt.step(self.loss) if self.loss is not None else self.opt.step()
+
+    def time_one(self, record: bool = True) -> float:
+        _sync(self.device)
         start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    n = sum(p.numel() for p in params)
-    state = sum(
-        v.numel() * v.element_size()
-        for s in opt.state.values()
-        if isinstance(s, dict)
-        for v in s.values()
-        if isinstance(v, torch.Tensor) and v.dim() > 0
-    )
-    peak = _peak_extra_bytes(step) / 2**20 if device == "cpu" else None
-    return statistics.median(times) * 1e3, first, round(state / n), peak
+        self.step()
+        _sync(self.device)
+        elapsed = time.perf_counter() - start
+        if record:
+            self.times.append(elapsed)
+        return elapsed
+
+    def result(self) -> tuple:
+        n = sum(p.numel() for p in self.params)
+        state = sum(
+            v.numel() * v.element_size()
+            for s in self.opt.state.values()
+            if isinstance(s, dict)
+            for v in s.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        )
+        peak = _peak_extra_bytes(self.step) / 2**20 if self.device == "cpu" else None
+        return statistics.median(self.times) * 1e3, self.first, round(state / n), peak
 
 
 def run(
@@ -261,8 +305,12 @@ def run(
     report: Callable[[Row], None] | None = None,
     nonfinite: str = "ignore",
     notes: list[str] | None = None,
+    rotate: bool = False,
 ) -> tuple[float, list[Row]]:
     """Measure; returns the bandwidth (bytes/s) and one row per (optimizer, implementation).
+
+    ``rotate``: time each optimizer's implementations in rotation (:func:`measure_rotated`), one after the other
+    otherwise (:func:`measure`, each compiled from scratch).
 
     ``notes`` receives one line per optimizer left out or adapted (see :func:`excluded`, :func:`adaptations`).
     """
@@ -288,6 +336,14 @@ def run(
         ]
         candidates += list(table.get(name, {}).items())
         closure = entry.capabilities.closure_required
+        if rotate:
+            results = measure_rotated(dict(candidates), own_shapes, device, steps, warmup, closure)
+            for label, (ms, first, state, peak) in results.items():
+                row = Row(name, label, ms, floor_ms, first, state, peak)
+                rows.append(row)
+                if report is not None:
+                    report(row)
+            continue
         for label, factory in candidates:
             try:
                 ms, first, state, peak = measure(factory, own_shapes, device, steps, warmup, closure)
@@ -370,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         "--warm-cache", action="store_true", help="keep the user's inductor cache (first steps then reuse it)"
     )
     parser.add_argument("--no-peers", action="store_true", help="time gradstep only")
+    parser.add_argument(
+        "--rotate",
+        action="store_true",
+        help="time each optimizer's implementations in rotation, one step of each per round, so that the machine's "
+        "changing load falls on all of them alike (default: one after the other)",
+    )
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -396,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         report,
         args.nonfinite,
         notes,
+        args.rotate,
     )
     fused = _fused_adamw_ms(rows, shapes, args.device, args.steps, args.warmup)
     print()
