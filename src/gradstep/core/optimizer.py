@@ -728,6 +728,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
             else:
                 runs.setdefault(signature, []).append(i)
         pads = self.__dict__.setdefault("_bucket_pads", {})
+        calls = self.__dict__.setdefault("_bucket_calls", {})
         for signature, run in runs.items():
             # A code object per dtype signature: dynamo's limit of recompilations (8) is counted per code object.
             key = (id(group), "buckets", signature)
@@ -749,9 +750,13 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                     views.append(view)
                     grads.append(grad)
                     states.append(state)
-                for view, grad, state in zip(views, grads, states):
-                    for t in (view, grad, *(x for x in state.values() if isinstance(x, Tensor) and x.dim() == 1)):
-                        torch._dynamo.maybe_mark_dynamic(t, 0)
+                if calls.get(key, 0) < MARKED_CALLS:
+                    # Marks matter only while dynamo traces: once the graph is compiled with symbolic lengths, its
+                    # guards take any length. Marking on every call cost about 4 us per tensor.
+                    calls[key] = calls.get(key, 0) + 1
+                    for view, grad, state in zip(views, grads, states):
+                        for t in (view, grad, *(x for x in state.values() if isinstance(x, Tensor) and x.dim() == 1)):
+                            torch._dynamo.maybe_mark_dynamic(t, 0)
                 dts = [dtypes[bucket[0]]] * BUCKET
                 names = _take(plan.names, bucket) + ["(padding)"] * len(padding)
                 with _no_duck_shapes():
@@ -1060,6 +1065,8 @@ SCHEDULED_HYPERS = ("lr", "betas", "momentum", "weight_decay")
 BUCKET = 8
 """Tensors per compiled call on the bucketed fast path (element-wise chains): a constant, so that the number of graphs
 does not grow with the number of tensors; larger buckets mean fewer Python calls per step and a longer first step."""
+MARKED_CALLS = 2
+"""Calls of a bucket graph whose lengths are marked dynamic (the first traces it; the second covers a retrace)."""
 
 
 SMALL = 1 << 16
