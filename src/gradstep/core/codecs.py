@@ -31,7 +31,10 @@ Under FSDP2 (a DTensor parameter split along dim 0) each rank codes its own shar
 that every rank decides alike: block-wise codecs only where every row is a whole number of blocks (then every shard
 is too, and its codes and scales are those of the whole tensor; nothing is communicated). The parts are DTensors
 split like the parameter; int4's codes and the scales are laid out one row per parameter row
-(:func:`part_templates` with ``rows``) instead of flat.
+(:func:`part_templates` with ``rows``) instead of flat. :func:`convert_state_codec` converts such state on each rank
+alone, and brings a checkpoint from FSDP2 to one process or back: it lays the parts out as the optimizer stores them
+and codes (or decodes) the buffers that one process codes and FSDP2 does not (rows that are not whole blocks); a
+single process's ``load_state_dict`` also takes the row layout as it is.
 
 bf16+ecc is heavyball's error-corrected bf16: the bf16 value plus an int8 correction that stores what rounding to
 bf16 lost, in units of ``ULP / 254``; decoding adds it back (about 16 significant bits for 3 bytes).
