@@ -13,7 +13,8 @@ dict leaves it exactly as it was. The checks:
 * the state of each parameter: no entry this optimizer does not keep, none of those it keeps missing (a missing
   buffer would be re-zeroed at the next step), each a tensor of the parameter's layout (shape and dtype class of
   the buffer a first step would create), finite, and a ``step`` that is a whole number >= 0 (a Python number, as
-  very old torch saved it, is converted).
+  very old torch saved it, is converted). A coded part of a plain parameter may come in the layout of a full
+  (gathered) FSDP2 state, one row per parameter row (int4's codes, the scales): the same elements, taken reshaped.
 """
 
 from __future__ import annotations
