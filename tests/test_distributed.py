@@ -401,7 +401,8 @@ def _fsdp2_to_one_process(rank: int, mesh: Any, codec: str) -> dict[str, Any]:
     single.load_state_dict(osd)
     out = {
         "saved_shapes": {k: tuple(v.shape) for k, v in osd["state"]["2.weight"].items()},
-        "converted": gradstep.convert_state_codec(single, osd)["state"]["2.weight"],
+        # (cloned: DCP hands out the live step counters, which the steps below advance)
+        "converted": {k: v.clone() for k, v in gradstep.convert_state_codec(single, osd)["state"]["2.weight"].items()},
         "loaded": _param_state(single, plain[2].weight),
         "fsdp": _param_state(opt, model[2].weight),
         "sharded": sharded,

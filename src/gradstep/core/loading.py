@@ -199,8 +199,8 @@ def _validated_param_state(
     extra = sorted(map(str, set(pstate) - expected))
     coded = group.get("state_codec", "fp32") != "fp32" or any(str(k).endswith(("_scale", "_ecc")) for k in pstate)
     hint = (
-        " (a checkpoint saved with another state_codec, or under FSDP2 where int8/int4/fp8 code fewer buffers, "
-        "converts with gradstep.convert_state_codec)"
+        " (a checkpoint saved with another state_codec, or one moved between FSDP2 and one process, converts with "
+        "gradstep.convert_state_codec)"
         if coded
         else ""
     )
