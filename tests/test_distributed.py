@@ -888,7 +888,7 @@ def test_convert_state_codec_of_fsdp2_state_equals_one_process_conversion(
 
 
 @pytest.mark.parametrize("codec", INTERCHANGE_CODECS)
-def test_full_fsdp2_state_loads_into_one_process(ranks: list[dict[str, Any]], codec: str) -> None:
+def test_codec_state_of_a_full_fsdp2_checkpoint_loads_into_one_process(ranks: list[dict[str, Any]], codec: str) -> None:
     block = codecs.BLOCK_SIZES[codec]
     for r in ranks:
         got = _ok(_ok(r["coded"])[f"to_one/{codec}"])
