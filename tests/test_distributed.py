@@ -27,7 +27,8 @@ A second group, of 4 ranks, is spawned once for a subset of the optimizers (each
 whole-tensor reductions of both kinds of wrappers): 2 rows of the batch per rank, and the last layer's 5 rows split
 2/2/1/0, so one rank holds empty shards. Collectives among 4 processes on 2 cores cost ~10x more than among 2, so
 these runs take 7 steps (one synchronisation of Scout's k=6), not 20. There too, AdamW with int8, int4 and fp8 state
-on a (3, 2048) weight split 1/1/1/0: the rank with an empty shard codes nothing and the state equals one process's.
+on a (3, 2048) weight split 1/1/1/0: the rank with an empty shard codes nothing and the state equals one process's,
+also converted to another codec by ``convert_state_codec``.
 
 Set ``GRADSTEP_FSDP_DIFFS`` to a file name to have the FSDP2 tests append ``name<TAB>ranks<TAB>largest difference``
 lines to it (the table of the issue's closing note); the asserts do not depend on it.
@@ -105,6 +106,7 @@ DCP_CODED = ("adamw/int8", "adamw/int4/flat", "adamw/fp8", "adamw/bf16+ecc", "lo
 DCP_CASES = (*DCP_NAMES, *(f"{name}/flat" for name in DCP_FLAT_NAMES), *DCP_CODED)
 # On 4 ranks: a (3, 2048) weight split 1/1/1/0, so one rank codes an empty shard.
 EMPTY_SHARD_CODECS = ("int8", "int4", "fp8")
+NARROW_CONVERSIONS = {"int8": "int4", "int4": "fp8", "fp8": "fp32"}  # convert_state_codec there too
 # convert_state_codec of FSDP2 AdamW state (sharded), on each rank, against one process's conversion of it.
 CONVERSIONS = (("fp32", "int8"), ("int8", "int4"), ("int4", "fp32"), ("bf16+ecc", "int8"))
 # Full FSDP2 state into one process, and one process's into FSDP2 (the parts' layouts differ: see codecs).
@@ -233,7 +235,15 @@ def narrow_run(codec: str, world: int = 1, rank: int = 0, mesh: Any = None) -> d
         ((model(x[rows]) - y[rows]) ** 2).mean().backward()
         opt.step()
     local_rows = model.weight.to_local().shape[0] if mesh is not None else 3  # type: ignore[operator]
-    return {"params": _full(model), "state": _param_state(opt, model.weight), "rows": local_rows}
+    # convert_state_codec on each rank alone, the rank of an empty shard among them (in one process: the reference).
+    target = gradstep.AdamW(model.parameters(), lr=0.01, state_codec=NARROW_CONVERSIONS[codec])
+    converted = gradstep.convert_state_codec(target, opt.state_dict())["state"][0]
+    return {
+        "params": _full(model),
+        "state": _param_state(opt, model.weight),
+        "rows": local_rows,
+        "converted": {k: _gathered(v) for k, v in converted.items()},
+    }
 
 
 def build_chain(params: Any, param_ndim: int | None) -> torch.optim.Optimizer:
@@ -965,6 +975,11 @@ def test_fsdp2_coded_state_with_an_empty_shard_matches_single_process(ranks4: li
         assert got["state"].keys() == expected["state"].keys()
         for key, value in expected["state"].items():
             assert torch.equal(got["state"][key].reshape(-1), value.reshape(-1)), key
+        # Converted to another codec on each rank alone: one process's conversion, bit for bit.
+        assert got["converted"].keys() == expected["converted"].keys()
+        assert ("exp_avg_scale" in got["converted"]) == (NARROW_CONVERSIONS[codec] != "fp32")
+        for key, value in expected["converted"].items():
+            assert torch.equal(got["converted"][key].reshape(-1), value.reshape(-1)), key
 
 
 def test_the_4_rank_subset_covers_every_sharding_kind() -> None:
