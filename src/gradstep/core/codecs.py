@@ -423,7 +423,7 @@ def convert_state_codec(optimizer: Any, state_dict: Mapping[str, Any]) -> dict[s
 
     For a plain parameter the parts end flat, as one process stores them (a full FSDP2 state's row layout holds the
     same elements in the same order: it is reshaped). A sharded state for a plain parameter, or a part of the wrong
-    dtype or number of elements, raises ``ValueError`` naming the parameter; ``state_dict`` is not modified.
+    dtype or of neither shape, raises ``ValueError`` naming the parameter; ``state_dict`` is not modified.
     """
     me = type(optimizer).__name__
     saved_groups = state_dict["param_groups"]
