@@ -430,6 +430,95 @@ def test_convert_state_codec_refuses_corrupt_parts() -> None:
         gradstep.convert_state_codec(other, saved)
 
 
+# --- one process and FSDP2: the parts' layouts, the buffers each codes ---------------------------------------------
+ROWS_SHAPE = (32, 256)  # rows of whole blocks of every codec: FSDP2 codes it too (see test_distributed.py)
+MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))
+
+
+def _rows_run(codec: str) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """AdamW on a matrix of whole-block rows and a 1-D bias of 8192 elements (coded in one process, but rows of one
+    element under FSDP2, which leaves it in the state dtype), 2 steps."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(ROWS_SHAPE)), torch.nn.Parameter(torch.randn(8192))]
+    opt = gradstep.AdamW(params, lr=1e-2, state_codec=codec)
+    for t in range(2):
+        for p in params:
+            p.grad = torch.sin(3 * p.detach() + t)
+        opt.step()
+    return params, opt
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same shape and bits (float8 through its bytes: torch.equal has no float8 kernel)."""
+    if a.is_floating_point() and a.element_size() == 1:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _in_rows(state: dict[str, Any], codec: str) -> dict[str, Any]:
+    """The matrix's state with its parts laid out as a full (gathered) FSDP2 state holds them: one row per row."""
+    state = dict(state)
+    for key, _ in MOMENTS:
+        for part, template in codecs.part_templates(codec, key, ROWS_SHAPE, "meta", rows=True).items():
+            state[part] = state[part].reshape(template.shape)
+    return state
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "fp8"])
+def test_load_takes_the_fsdp2_row_layout_of_coded_parts(codec: str) -> None:
+    """One process's load takes the row layout of int4's codes and the scales (the same elements in the same order),
+    stored flat; a part of another number of elements is still refused, naming the parameter, and changes nothing."""
+    params, opt = _rows_run(codec)
+    saved = opt.state_dict()
+    rows = {**saved, "state": {**saved["state"], 0: _in_rows(saved["state"][0], codec)}}
+    assert rows["state"][0]["exp_avg_scale"].shape != saved["state"][0]["exp_avg_scale"].shape
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    other = gradstep.AdamW(fresh, lr=1e-2, state_codec=codec)
+    other.load_state_dict(rows)
+    for p, q in zip(params, fresh):
+        for key, value in opt.state[p].items():
+            assert _bitwise_equal(value, other.state[q][key]), key
+    before = copy.deepcopy(other.state_dict())
+    rows["state"][0] = {**rows["state"][0], "exp_avg_scale": rows["state"][0]["exp_avg_scale"][:-1]}
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]: exp_avg_scale has shape \(31, "):
+        other.load_state_dict(rows)
+    after = other.state_dict()
+    assert all(_bitwise_equal(before["state"][0][k], after["state"][0][k]) for k in before["state"][0])
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "fp8"])
+def test_convert_state_codec_brings_a_full_fsdp2_state_to_one_process(codec: str) -> None:
+    """A full FSDP2 state differs from one process's in its parts' row layout and in the buffers it codes (not the
+    1-D bias). With the same codec, convert_state_codec keeps the matrix's codes bit for bit, laid out flat, and
+    codes the bias as a step would; the plain load refuses the uncoded bias, pointing to convert_state_codec."""
+    params, opt = _rows_run(codec)
+    saved = opt.state_dict()
+    bias = dict(saved["state"][1])
+    decoded = {}
+    for key, signed in MOMENTS:
+        parts = {suffix: bias.pop(key + suffix) for suffix in ("", "_scale")}
+        decoded[key] = bias[key] = codecs.decode(codec, parts, signed, torch.Size((8192,)), torch.float32)
+    fsdp = {**saved, "state": {0: _in_rows(saved["state"][0], codec), 1: bias}}
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    other = gradstep.AdamW(fresh, lr=1e-2, state_codec=codec)
+    with pytest.raises(ValueError, match=r"params'\]\[1\] lacks exp_avg_scale.*FSDP2.*convert_state_codec"):
+        other.load_state_dict(fsdp)
+    converted = gradstep.convert_state_codec(other, fsdp)
+    for key, value in saved["state"][0].items():
+        assert _bitwise_equal(value, converted["state"][0][key]), key
+    for key, signed in MOMENTS:
+        for suffix, part in codecs.encode(codec, decoded[key], signed).items():
+            assert _bitwise_equal(converted["state"][1][key + suffix], part), key + suffix
+    assert fsdp["state"][0]["exp_avg_scale"].dim() == 2 and "exp_avg_scale" not in fsdp["state"][1]  # not modified
+    other.load_state_dict(converted)
+    for p, q in zip(params, fresh):
+        p.grad, q.grad = torch.cos(p.detach()), torch.cos(p.detach())
+    opt.step()
+    other.step()
+    assert torch.equal(params[0], fresh[0])  # the same codes: the same step
+    assert (params[1] - fresh[1]).abs().max() <= 2e-3  # the bias's codes re-rounded (lr 1e-2)
+
+
 @pytest.mark.parametrize("codec", ["int8", "int4", "fp8"])
 def test_row_shards_code_as_the_whole_tensor(codec: str) -> None:
     """FSDP2's shards of rows of whole blocks (uneven, one empty) coded one by one give the whole tensor's parts."""

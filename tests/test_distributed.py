@@ -16,7 +16,10 @@ One group of 2 ranks is spawned once for the whole file (spawning per optimizer 
 * state codecs (``state_codec=``): every element-wise optimizer with int8 and AdamW with every codec, on a model with
   a weight of whole 256-element blocks per row (its 17 rows split 9/8), 6 steps: the parameters and the coded state
   against the single process (each rank codes its own rows), every part a DTensor split along rows; DCP round trips
-  of coded state.
+  of coded state; ``convert_state_codec`` of sharded AdamW state between codecs (on each rank, against one process's
+  conversion of the gathered state, and a step after loading it); a full (DCP ``full_state_dict``) int4 and int8
+  state loaded into one process's optimizer, and one process's into FSDP2 after ``convert_state_codec`` (the parts'
+  layouts differ), each then stepped alongside the other.
 * the rai transforms in a user's chain with blocks that span the split dim (``param_ndim=None``: each block is a whole
   tensor; ``param_ndim=1``: the 1-D parameters' blocks are), against the single process.
 
@@ -24,7 +27,8 @@ A second group, of 4 ranks, is spawned once for a subset of the optimizers (each
 whole-tensor reductions of both kinds of wrappers): 2 rows of the batch per rank, and the last layer's 5 rows split
 2/2/1/0, so one rank holds empty shards. Collectives among 4 processes on 2 cores cost ~10x more than among 2, so
 these runs take 7 steps (one synchronisation of Scout's k=6), not 20. There too, AdamW with int8, int4 and fp8 state
-on a (3, 2048) weight split 1/1/1/0: the rank with an empty shard codes nothing and the state equals one process's.
+on a (3, 2048) weight split 1/1/1/0: the rank with an empty shard codes nothing and the state equals one process's,
+also converted to another codec by ``convert_state_codec``.
 
 Set ``GRADSTEP_FSDP_DIFFS`` to a file name to have the FSDP2 tests append ``name<TAB>ranks<TAB>largest difference``
 lines to it (the table of the issue's closing note); the asserts do not depend on it.
@@ -102,6 +106,11 @@ DCP_CODED = ("adamw/int8", "adamw/int4/flat", "adamw/fp8", "adamw/bf16+ecc", "lo
 DCP_CASES = (*DCP_NAMES, *(f"{name}/flat" for name in DCP_FLAT_NAMES), *DCP_CODED)
 # On 4 ranks: a (3, 2048) weight split 1/1/1/0, so one rank codes an empty shard.
 EMPTY_SHARD_CODECS = ("int8", "int4", "fp8")
+NARROW_CONVERSIONS = {"int8": "int4", "int4": "fp8", "fp8": "fp32"}  # convert_state_codec there too
+# convert_state_codec of FSDP2 AdamW state (sharded), on each rank, against one process's conversion of it.
+CONVERSIONS = (("fp32", "int8"), ("int8", "int4"), ("int4", "fp32"), ("bf16+ecc", "int8"))
+# Full FSDP2 state into one process, and one process's into FSDP2 (the parts' layouts differ: see codecs).
+INTERCHANGE_CODECS = ("int4", "int8")
 CODEC_STEPS = 6  # each case's own single-process reference; a step of 44 coded runs costs as much as one of the others
 CHAIN_PARAM_NDIMS = (None, 1)
 TOL = 1e-10  # float64: rounding differences are ~1e-15
@@ -226,7 +235,15 @@ def narrow_run(codec: str, world: int = 1, rank: int = 0, mesh: Any = None) -> d
         ((model(x[rows]) - y[rows]) ** 2).mean().backward()
         opt.step()
     local_rows = model.weight.to_local().shape[0] if mesh is not None else 3  # type: ignore[operator]
-    return {"params": _full(model), "state": _param_state(opt, model.weight), "rows": local_rows}
+    # convert_state_codec on each rank alone, the rank of an empty shard among them (in one process: the reference).
+    target = gradstep.AdamW(model.parameters(), lr=0.01, state_codec=NARROW_CONVERSIONS[codec])
+    converted = gradstep.convert_state_codec(target, opt.state_dict())["state"][0]
+    return {
+        "params": _full(model),
+        "state": _param_state(opt, model.weight),
+        "rows": local_rows,
+        "converted": {k: _gathered(v) for k, v in converted.items()},
+    }
 
 
 def build_chain(params: Any, param_ndim: int | None) -> torch.optim.Optimizer:
@@ -330,19 +347,121 @@ def _coded_all(rank: int, mesh: Any) -> dict[str, Any]:
 
         _attempt(results, case, run)
 
-    def convert() -> str:
-        model = _fsdp_model(mesh, wide=True)
-        opt = gradstep.AdamW(model.parameters(), state_codec="int8")
-        train(model, opt, make_batches(1), _my_rows(rank))
-        target = gradstep.AdamW(model.parameters(), state_codec="int4")
-        try:
-            gradstep.convert_state_codec(target, opt.state_dict())
-        except NotImplementedError as exc:
-            return str(exc)
-        return "converted"
-
-    _attempt(results, "convert", convert)
+    for source, target in CONVERSIONS:
+        _attempt(results, f"convert/{source}/{target}", functools.partial(_converted, rank, mesh, source, target))
+    for codec in INTERCHANGE_CODECS:
+        _attempt(results, f"to_one/{codec}", functools.partial(_fsdp2_to_one_process, rank, mesh, codec))
+        _attempt(results, f"to_fsdp2/{codec}", functools.partial(_one_process_to_fsdp2, rank, mesh, codec))
     return results
+
+
+def _placed(state: Mapping[str, Any]) -> dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]:
+    """How each state tensor (but scalars) is placed: its type, placements and (whole) shape."""
+    return {
+        k: (type(v).__name__, tuple(map(repr, getattr(v, "placements", ()))), tuple(v.shape))
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    }
+
+
+def _converted(rank: int, mesh: Any, source: str, target: str) -> dict[str, Any]:
+    """FSDP2 AdamW state (``source``) converted to ``target`` on every rank alone, gathered; the state it was
+    converted from, gathered, for the parent's single-process conversion; and the parameters after a step of the
+    converted state loaded into a fresh optimizer."""
+    model = _fsdp_model(mesh, wide=True)
+    opt = gradstep.AdamW(model.parameters(), state_codec=source)
+    batches = make_batches(3)
+    train(model, opt, batches[:2], _my_rows(rank))
+    saved = opt.state_dict()
+    converted_to = gradstep.AdamW(model.parameters(), state_codec=target)
+    converted = gradstep.convert_state_codec(converted_to, saved)
+    params = _full(model)
+    converted_to.load_state_dict(converted)
+    train(model, converted_to, batches[2:], _my_rows(rank))
+    return {
+        "saved": {pid: {k: _gathered(v) for k, v in state.items()} for pid, state in saved["state"].items()},
+        "groups": saved["param_groups"],
+        "converted": {pid: {k: _gathered(v) for k, v in state.items()} for pid, state in converted["state"].items()},
+        "placed": _placed(converted["state"][2]),  # model[2].weight, the coded one
+        "params": params,
+        "stepped": _full(model),
+    }
+
+
+def _fsdp2_to_one_process(rank: int, mesh: Any, codec: str) -> dict[str, Any]:
+    """A full (gathered) FSDP2 state through DCP, loaded as it is into one process's optimizer of the same model;
+    then 2 steps of each."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    model = _fsdp_model(mesh, wide=True)
+    opt = gradstep.AdamW(model.parameters(), state_codec=codec)
+    batches = make_batches(4)
+    train(model, opt, batches[:2], _my_rows(rank))
+    full = StateDictOptions(full_state_dict=True)
+    msd = get_model_state_dict(model, options=full)
+    osd = get_optimizer_state_dict(model, opt, options=full)
+    plain = make_model(wide=True)
+    plain.load_state_dict(msd)
+    single = gradstep.AdamW(plain.parameters(), state_codec=codec)
+    try:
+        gradstep.convert_state_codec(single, opt.state_dict())  # sharded: not for a plain parameter
+        sharded = "converted"
+    except ValueError as exc:
+        sharded = str(exc)
+    single.load_state_dict(osd)
+    out = {
+        "saved_shapes": {k: tuple(v.shape) for k, v in osd["state"]["2.weight"].items()},
+        # (cloned: DCP hands out the live step counters, which the steps below advance)
+        "converted": {k: v.clone() for k, v in gradstep.convert_state_codec(single, osd)["state"]["2.weight"].items()},
+        "loaded": _param_state(single, plain[2].weight),
+        "fsdp": _param_state(opt, model[2].weight),
+        "sharded": sharded,
+        "start": _full(model),
+    }
+    train(model, opt, batches[2:], _my_rows(rank))
+    train(plain, single, batches[2:], slice(None))
+    return {**out, "fsdp_params": _full(model), "single_params": [p.detach().clone() for p in plain.parameters()]}
+
+
+def _one_process_to_fsdp2(rank: int, mesh: Any, codec: str) -> dict[str, Any]:
+    """One process's state (DCP's full form of it) into FSDP2: refused as it is (its flat parts), loaded after
+    convert_state_codec; then 2 steps of each."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    plain = make_model(wide=True)
+    single = gradstep.AdamW(plain.parameters(), state_codec=codec)
+    batches = make_batches(4)
+    train(plain, single, batches[:2], slice(None))
+    full = StateDictOptions(full_state_dict=True)
+    osd = get_optimizer_state_dict(plain, single, options=full)
+    model = _fsdp_model(mesh, wide=True)
+    set_model_state_dict(model, plain.state_dict(), options=full)
+    opt = gradstep.AdamW(model.parameters(), state_codec=codec)
+    opt.init_state()  # (else DCP takes a step of zero gradients to create the state)
+    before = _param_state(opt, model[2].weight)
+    try:
+        set_optimizer_state_dict(model, opt, osd, options=full)
+        refused = "loaded"
+    except ValueError as exc:
+        refused = str(exc)
+    after = _param_state(opt, model[2].weight)
+    unchanged = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    set_optimizer_state_dict(model, opt, gradstep.convert_state_codec(opt, osd), options=full)
+    out = {
+        "refused": refused,
+        "unchanged": unchanged,
+        "loaded": _param_state(opt, model[2].weight),
+        "placed": _placed(opt.state[model[2].weight]),
+        "single": _param_state(single, plain[2].weight),
+    }
+    train(model, opt, batches[2:], _my_rows(rank))
+    train(plain, single, batches[2:], slice(None))
+    return {**out, "fsdp_params": _full(model), "single_params": [p.detach().clone() for p in plain.parameters()]}
 
 
 def _chains(rank: int, mesh: Any) -> dict[Any, Any]:
@@ -737,10 +856,80 @@ def test_fsdp2_coded_state_matches_single_process_and_stays_split(ranks: list[di
                 assert kind == "DTensor" and placements == ("Shard(dim=0)",), key
 
 
-def test_convert_state_codec_refuses_dtensor_parameters_naming_one(ranks: list[dict[str, Any]]) -> None:
+def _assert_same_elements(got: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """The same keys, each tensor of the same elements bit for bit (layouts may differ: flat and by rows)."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype, key
+        assert torch.equal(got[key].reshape(-1), value.reshape(-1)), key
+
+
+@pytest.mark.parametrize(("source", "target"), CONVERSIONS)
+def test_convert_state_codec_of_fsdp2_state_equals_one_process_conversion(
+    ranks: list[dict[str, Any]], source: str, target: str
+) -> None:
+    block = codecs.BLOCK_SIZES.get(target)
     for r in ranks:
-        message = _ok(_ok(r["coded"])["convert"])
-        assert message.startswith("convert_state_codec: param_groups[0]['params'][0] is a DTensor (FSDP2) parameter")
+        got = _ok(_ok(r["coded"])[f"convert/{source}/{target}"])
+        # One process converts the same (gathered) state for the same parameters.
+        model = make_model(wide=True)
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), got["params"]):
+                p.copy_(value)
+        single = gradstep.AdamW(model.parameters(), state_codec=target)
+        expected = gradstep.convert_state_codec(single, {"state": got["saved"], "param_groups": got["groups"]})
+        assert expected["state"].keys() == got["converted"].keys()
+        for pid, state in expected["state"].items():
+            _assert_same_elements(got["converted"][pid], state)
+        weight = got["converted"][2]
+        assert weight["exp_avg"].dtype == (torch.float64 if target == "fp32" else torch.uint8)
+        assert ("exp_avg_scale" in weight) == (block is not None) and "exp_avg_ecc" not in weight
+        # Every part of the coded weight a DTensor split along rows like the parameter, in FSDP2's row layout.
+        for key, (kind, placements, shape) in got["placed"].items():
+            assert kind == "DTensor" and placements == ("Shard(dim=0)",) and shape[0] == 17, key
+        if block is not None:
+            assert got["placed"]["exp_avg_scale"][2] == (17, 256 // block)
+            assert got["placed"]["exp_avg"][2] == ((17, 128) if target == "int4" else (17, 256))
+        # A step of the converted state loaded: as one process's step of its own conversion.
+        single.load_state_dict(expected)
+        train(model, single, make_batches(3)[2:], slice(None))
+        assert max_difference(got["stepped"], [p.detach() for p in model.parameters()]) < TOL
+        assert max_difference(got["stepped"], got["params"]) > 1e-6
+
+
+@pytest.mark.parametrize("codec", INTERCHANGE_CODECS)
+def test_codec_state_of_a_full_fsdp2_checkpoint_loads_into_one_process(ranks: list[dict[str, Any]], codec: str) -> None:
+    block = codecs.BLOCK_SIZES[codec]
+    for r in ranks:
+        got = _ok(_ok(r["coded"])[f"to_one/{codec}"])
+        # DCP's full state holds FSDP2's row layout; one process's load takes it, flat, with the same elements.
+        assert got["saved_shapes"]["exp_avg_scale"] == (17, 256 // block)
+        assert tuple(got["loaded"]["exp_avg_scale"].shape) == (17 * 256 // block,)
+        assert tuple(got["loaded"]["exp_avg"].shape) == ((17 * 128,) if codec == "int4" else (17, 256))
+        _assert_same_elements(got["loaded"], got["fsdp"])
+        _assert_same_elements(got["converted"], got["loaded"])  # convert_state_codec lays it out alike
+        assert all(got["converted"][k].shape == got["loaded"][k].shape for k in got["loaded"])
+        assert got["sharded"].startswith(
+            "convert_state_codec: the state of param_groups[0]['params'][0] holds DTensors"
+        )
+        assert max_difference(got["fsdp_params"], got["single_params"]) < TOL
+        assert max_difference(got["fsdp_params"], got["start"]) > 1e-6
+
+
+@pytest.mark.parametrize("codec", INTERCHANGE_CODECS)
+def test_one_process_state_loads_into_fsdp2_after_convert_state_codec(ranks: list[dict[str, Any]], codec: str) -> None:
+    block = codecs.BLOCK_SIZES[codec]
+    for r in ranks:
+        got = _ok(_ok(r["coded"])[f"to_fsdp2/{codec}"])
+        # As saved, one process's flat scales do not split like FSDP2's rows: refused, naming the parameter, and
+        # nothing loaded.
+        assert "the state of param_groups[0]['params'][2]: exp_avg" in got["refused"], got["refused"]
+        assert got["unchanged"]
+        _assert_same_elements(got["loaded"], got["single"])
+        for key, (kind, placements, shape) in got["placed"].items():
+            assert kind == "DTensor" and placements == ("Shard(dim=0)",) and shape[0] == 17, key
+        assert got["placed"]["exp_avg_scale"][2] == (17, 256 // block)
+        assert max_difference(got["fsdp_params"], got["single_params"]) < TOL
 
 
 @pytest.mark.parametrize("codec", [c for c in codecs.CODECS if c != "fp32"])
@@ -786,6 +975,11 @@ def test_fsdp2_coded_state_with_an_empty_shard_matches_single_process(ranks4: li
         assert got["state"].keys() == expected["state"].keys()
         for key, value in expected["state"].items():
             assert torch.equal(got["state"][key].reshape(-1), value.reshape(-1)), key
+        # Converted to another codec on each rank alone: one process's conversion, bit for bit.
+        assert got["converted"].keys() == expected["converted"].keys()
+        assert ("exp_avg_scale" in got["converted"]) == (NARROW_CONVERSIONS[codec] != "fp32")
+        for key, value in expected["converted"].items():
+            assert torch.equal(got["converted"][key].reshape(-1), value.reshape(-1)), key
 
 
 def test_the_4_rank_subset_covers_every_sharding_kind() -> None:

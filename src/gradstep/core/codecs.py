@@ -31,7 +31,10 @@ Under FSDP2 (a DTensor parameter split along dim 0) each rank codes its own shar
 that every rank decides alike: block-wise codecs only where every row is a whole number of blocks (then every shard
 is too, and its codes and scales are those of the whole tensor; nothing is communicated). The parts are DTensors
 split like the parameter; int4's codes and the scales are laid out one row per parameter row
-(:func:`part_templates` with ``rows``) instead of flat.
+(:func:`part_templates` with ``rows``) instead of flat. :func:`convert_state_codec` converts such state on each rank
+alone, and brings a checkpoint from FSDP2 to one process or back: it lays the parts out as the optimizer stores them
+and codes (or decodes) the buffers that one process codes and FSDP2 does not (rows that are not whole blocks); a
+single process's ``load_state_dict`` also takes the row layout as it is.
 
 bf16+ecc is heavyball's error-corrected bf16: the bf16 value plus an int8 correction that stores what rounding to
 bf16 lost, in units of ``ULP / 254``; decoding adds it back (about 16 significant bits for 3 bytes).
@@ -317,6 +320,19 @@ def part_templates(codec: str, key: str, shape: tuple[int, ...], device: Any, ro
     return {key: torch.empty(shape, dtype=torch.float8_e4m3fn, **meta), key + "_scale": scale}
 
 
+def _part_shapes(codec: str, key: str, shape: tuple[int, ...]) -> dict[str, list[tuple[int, ...]]]:
+    """The shapes a whole (unsharded) part of a coded buffer may have: one process's, then, where every row is whole
+    blocks, FSDP2's one row per parameter row (:func:`part_templates` with ``rows``; the same elements in the same
+    order), as a full (gathered) FSDP2 state holds them."""
+    shapes = {k: [tuple(t.shape)] for k, t in part_templates(codec, key, shape, "meta").items()}
+    block = BLOCK_SIZES.get(codec)
+    if block is not None and len(shape) >= 1 and _row_numel(shape) % block == 0:
+        for k, t in part_templates(codec, key, shape, "meta", rows=True).items():
+            if tuple(t.shape) not in shapes[k]:
+                shapes[k].append(tuple(t.shape))
+    return shapes
+
+
 def encode(codec: str, x: Tensor, signed: bool) -> dict[str, Tensor]:
     """The stored parts of the float values ``x`` (see the module table); keys relative to the buffer's key."""
     if codec == "bf16":
@@ -380,19 +396,34 @@ def part_slice(codec: str, suffix: str, part: Tensor, start: int, stop: int) -> 
 
 
 def convert_state_codec(optimizer: Any, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``state_dict`` with its state re-coded to the ``state_codec`` of each of ``optimizer``'s groups.
+    """A copy of ``state_dict`` with its state re-coded to the ``state_codec`` of each of ``optimizer``'s groups, each
+    coded part laid out as ``optimizer`` stores it.
 
     ``state_dict`` was saved by an optimizer of the same class and parameters with any codec (the one its groups
-    name; ``"fp32"`` when they name none). Loading a checkpoint into an optimizer with another codec refuses the
-    mismatched parts; this conversion is the explicit step between the two::
+    name; ``"fp32"`` when they name none), in one process or under FSDP2. Loading a checkpoint into an optimizer with
+    another codec refuses the mismatched parts; this conversion is the explicit step between the two::
 
         opt = gradstep.AdamW(model.parameters(), state_codec="int8")
         opt.load_state_dict(gradstep.convert_state_codec(opt, torch.load("fp32-state.pt", weights_only=True)))
 
     Decoding is exact for fp32 and as exact as the source codec allows otherwise; encoding rounds as a step does.
-    A part of the wrong dtype or shape raises ``ValueError`` naming the parameter; ``state_dict`` is not modified.
-    The state of DTensor (FSDP2) parameters is not converted between codecs (``NotImplementedError`` naming the
-    parameter); with the same codec it is kept as saved.
+    A buffer coded in both with the same codec keeps its parts bit for bit (reshaped only); which buffers the source
+    coded is read from the dict (a block-wise codec's ``_scale`` parts), since one process and FSDP2 code different
+    buffers (FSDP2 codes int8/int4/fp8 only where every row is whole blocks).
+
+    The state of a DTensor (FSDP2) parameter comes in two forms, both converted without communication:
+
+    * sharded, as ``optimizer.state_dict()`` or DCP's default ``get_optimizer_state_dict`` return it (its tensors
+      DTensors split like the parameter): each rank decodes its own shards and encodes them on their own (whole
+      blocks: the codes and scales of the whole tensor); the result is DTensors split like the parameter;
+    * full (plain whole tensors, as ``get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))``
+      returns it, or as one process saved it): the result is whole tensors, int4's codes and the scales in the layout
+      of one row per parameter row that FSDP2 stores (:func:`part_templates` with ``rows``), ready for
+      ``set_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))``.
+
+    For a plain parameter the parts end flat, as one process stores them (a full FSDP2 state's row layout holds the
+    same elements in the same order: it is reshaped). A sharded state for a plain parameter, or a part of the wrong
+    dtype or of neither shape, raises ``ValueError`` naming the parameter; ``state_dict`` is not modified.
     """
     me = type(optimizer).__name__
     saved_groups = state_dict["param_groups"]
@@ -415,32 +446,108 @@ def convert_state_codec(optimizer: Any, state_dict: Mapping[str, Any]) -> dict[s
             if not pstate:
                 continue
             name = names[i] if names else f"param_groups[{gi}]['params'][{i}]"
-            if type(p).__name__ == "DTensor" and source == target:
-                continue  # already in the target codec: kept as saved
-            if type(p).__name__ == "DTensor":
-                # Its parts are shards laid out by rows (see part_templates): decoding them here would need the
-                # local shards of every part and the re-encoding the parameter's sharding, which this does not do.
-                raise NotImplementedError(
-                    f"convert_state_codec: {name} is a DTensor (FSDP2) parameter; convert the checkpoint with "
-                    "unsharded parameters, or keep the codec it was saved with"
-                )
-            view = torch.view_as_real(p) if p.is_complex() else p
-            dtype = optimizer._state_dtype(group, p)
-            decoded = dict(pstate)
-            for key, signed in optimizer._coded_buffers({**group, "state_codec": source}, view, dtype):
-                parts = {}
-                for part_key, template in part_templates(source, key, tuple(view.shape), "meta").items():
-                    value = pstate.get(part_key)
-                    if not isinstance(value, Tensor) or value.dtype != template.dtype or value.shape != template.shape:
-                        raise ValueError(
-                            f"convert_state_codec: {part_key} of {name} is not a {template.dtype} tensor of shape "
-                            f"{tuple(template.shape)} (state_codec={source!r})"
-                        )
-                    parts[part_key[len(key) :]] = value.to(p.device)
-                    decoded.pop(part_key)
-                decoded[key] = decode(source, parts, signed, view.shape, dtype)
-            for key, signed in optimizer._coded_buffers(group, view, dtype):
-                value = decoded.pop(key)
-                decoded.update((key + suffix, part) for suffix, part in encode(target, value.to(dtype), signed).items())
-            new_state[pid] = decoded
+            new_state[pid] = _converted(optimizer, group, source, p, dict(pstate), name)
     return {**state_dict, "state": new_state, "param_groups": new_groups}
+
+
+def _converted(
+    optimizer: Any, group: dict[str, Any], source: str, p: Tensor, state: dict[str, Any], name: str
+) -> dict[str, Any]:
+    """One parameter's ``state`` (saved with ``source``) re-coded to ``group``'s codec and laid out for ``p``."""
+    target = group["state_codec"]
+    view: Any = torch.view_as_real(p) if p.is_complex() else p
+    dtype = optimizer._state_dtype(group, p)
+    split = _is_dtensor(view)  # an FSDP2 parameter: its parts are laid out by rows (part_templates)
+    sharded = any(_is_dtensor(v) for v in state.values())  # else whole tensors (one process's, or gathered)
+    if sharded and not split:
+        raise ValueError(
+            f"convert_state_codec: the state of {name} holds DTensors (a sharded FSDP2 state) but {name} is not a "
+            "DTensor; gather it first (get_optimizer_state_dict with StateDictOptions(full_state_dict=True))"
+        )
+    shape = tuple(view.shape)  # whole (global) shape
+    # Which buffers the source coded: a block-wise codec codes fewer under FSDP2 (whole blocks per row) than in one
+    # process, and the dict may come from either, so its own scales tell; the other codecs decide alike in both.
+    meta = torch.empty(shape, dtype=view.dtype, device="meta")
+    candidates = optimizer._coded_buffers({**group, "state_codec": source}, meta, dtype)
+    coded_in = [(key, signed) for key, signed in candidates if source not in BLOCK_SIZES or key + "_scale" in state]
+    coded_out = dict(optimizer._coded_buffers(group, view, dtype))
+    where = "" if not split else (" (sharded)" if sharded else " (whole)")
+    # The target's parts as the optimizer stores them (rows under FSDP2, where its decision guarantees whole blocks).
+    layout = part_templates(target, "", shape, "meta", rows=split) if coded_out else {}
+    for key, signed in coded_in:
+        flat = part_templates(source, key, shape, "meta")
+        shapes = _part_shapes(source, key, shape)
+        parts = {}
+        for part_key, template in flat.items():
+            value = state.pop(part_key, None)
+            ok = isinstance(value, Tensor) and value.dtype == template.dtype and _is_dtensor(value) == sharded
+            if ok and sharded:  # FSDP2's own layout, split like the parameter
+                ok = tuple(value.shape) == shapes[part_key][-1] and value.placements == view.placements
+            elif ok:  # one process's layout or a gathered FSDP2 one
+                ok = tuple(value.shape) in shapes[part_key]
+            if not ok:
+                layouts = " or ".join(map(str, shapes[part_key][-1:] if sharded else shapes[part_key]))
+                raise ValueError(
+                    f"convert_state_codec: {part_key} of {name} is not a{where} {template.dtype} tensor of shape "
+                    f"{layouts} (state_codec={source!r})"
+                )
+            parts[part_key[len(key) :]] = value
+        if source == target and key in coded_out:  # the same codes: kept bit for bit, laid out for the optimizer
+            state.update((key + suffix, _laid_out(part, layout[suffix])) for suffix, part in parts.items())
+            continue
+        if sharded:
+            # This rank's shards, read flat as the codec reads them (whole blocks: no other rank's data needed).
+            local = {suffix: part.to_local() for suffix, part in parts.items()}
+            local = {s: v.reshape(-1) if v.shape != view.to_local().shape else v for s, v in local.items()}
+            values = decode(source, local, signed, view.to_local().shape, dtype)
+            state[key] = type(view).from_local(
+                values, view.device_mesh, view.placements, run_check=False, shape=view.shape, stride=view.stride()
+            )
+        else:
+            device = view.device
+            whole = {s: v.to(device).reshape(flat[key + s].shape) for s, v in parts.items()}
+            state[key] = decode(source, whole, signed, torch.Size(shape), dtype)
+    for key, signed in coded_out.items():
+        if source == target and key in dict(coded_in):
+            continue
+        value = state.get(key)
+        if (
+            not isinstance(value, Tensor)
+            or _is_dtensor(value) != sharded
+            or (sharded and getattr(value, "placements", None) != view.placements)
+            or not value.is_floating_point()
+            or value.element_size() < 2  # float8 codes without their scales
+            or tuple(value.shape) != shape
+        ):
+            raise ValueError(
+                f"convert_state_codec: {key} of {name} is not a{where} floating-point tensor of shape {shape}, as a "
+                f"buffer that state_codec={source!r} left uncoded is (or its coded parts are incomplete)"
+            )
+        if sharded:
+            from .optimizer import _encode_sharded  # (optimizer imports this module)
+
+            shard = value.to_local().to(dtype)  # type: ignore[attr-defined]
+            value = type(view).from_local(
+                shard, view.device_mesh, view.placements, run_check=False, shape=view.shape, stride=view.stride()
+            )
+            encoded = _encode_sharded(target, value, signed, view)
+        else:
+            encoded = {
+                suffix: _laid_out(part, layout[suffix])
+                for suffix, part in encode(target, value.to(view.device, dtype), signed).items()
+            }
+        del state[key]
+        state.update((key + suffix, part) for suffix, part in encoded.items())
+    return state
+
+
+def _laid_out(part: Tensor, template: Tensor) -> Tensor:
+    """A whole part in the layout ``template`` gives (flat, or one row per parameter row): the same elements in the
+    same order. A sharded part is already laid out by rows (checked by the caller)."""
+    if _is_dtensor(part):
+        return part
+    return part.reshape(template.shape)
+
+
+def _is_dtensor(x: Any) -> bool:
+    return type(x).__name__ == "DTensor" and hasattr(x, "to_local")

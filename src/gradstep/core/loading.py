@@ -13,7 +13,8 @@ dict leaves it exactly as it was. The checks:
 * the state of each parameter: no entry this optimizer does not keep, none of those it keeps missing (a missing
   buffer would be re-zeroed at the next step), each a tensor of the parameter's layout (shape and dtype class of
   the buffer a first step would create), finite, and a ``step`` that is a whole number >= 0 (a Python number, as
-  very old torch saved it, is converted).
+  very old torch saved it, is converted). A coded part of a plain parameter may come in the layout of a full
+  (gathered) FSDP2 state, one row per parameter row (int4's codes, the scales): the same elements, taken reshaped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from . import codecs
 
 if TYPE_CHECKING:
     from .optimizer import ChainedOptimizer
@@ -195,7 +198,12 @@ def _validated_param_state(
     expected = opt.expected_state_keys(group) | set(templates)
     extra = sorted(map(str, set(pstate) - expected))
     coded = group.get("state_codec", "fp32") != "fp32" or any(str(k).endswith(("_scale", "_ecc")) for k in pstate)
-    hint = " (a checkpoint saved with another state_codec converts with gradstep.convert_state_codec)" if coded else ""
+    hint = (
+        " (a checkpoint saved with another state_codec, or one moved between FSDP2 and one process, converts with "
+        "gradstep.convert_state_codec)"
+        if coded
+        else ""
+    )
     if extra:
         raise ValueError(
             f"{where} has {', '.join(extra)}, which {me} does not keep (was it saved by another optimizer?){hint}"
@@ -216,6 +224,7 @@ def _validated_param_state(
         missing = [k for k in missing if k not in new]
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)} (a state buffer {me} needs){hint}")
+    rows_layout = _coded_parts(opt, group, p) if not _is_dtensor(p) else {}
     for key, value in pstate.items():
         if key == "step":
             count = step_value(value)
@@ -223,8 +232,14 @@ def _validated_param_state(
                 raise ValueError(f"{where}: step is {_describe(value)} (a whole number >= 0)")
             new["step"] = torch.tensor(count, dtype=STEP_DTYPE, device=p.device)
             continue
+        template = templates.get(key)
+        if key in rows_layout and _in_shapes(value, template, rows_layout[key]):
+            # A full (gathered) FSDP2 state lays int4's codes and the scales out one row per parameter row, where
+            # one process keeps them flat: the same elements in the same order, so taken reshaped (the copy below
+            # is the loaded tensor).
+            value = value.reshape(template.shape)  # type: ignore[union-attr]
         try:
-            new[key] = _checked_buffer(where, key, value, templates.get(key), p)
+            new[key] = _checked_buffer(where, key, value, template, p)
         except ValueError as exc:
             raise ValueError(f"{exc}{hint}") from None
     if group.get("state_codec", "fp32") != "fp32":
@@ -238,6 +253,29 @@ def _validated_param_state(
                         "saved with another codec)"
                     )
     return new
+
+
+def _coded_parts(opt: ChainedOptimizer, group: dict[str, Any], p: Tensor) -> dict[str, list[tuple[int, ...]]]:
+    """The coded parts of a plain parameter ``p`` that a full FSDP2 state lays out otherwise: their FSDP2 shapes."""
+    codec = group.get("state_codec", "fp32")
+    if codec not in codecs.BLOCK_SIZES:
+        return {}
+    view = torch.view_as_real(p) if p.is_complex() else p
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for key, _ in opt._coded_buffers(group, view, opt._state_dtype(group, p)):
+        shapes.update((k, v[1:]) for k, v in codecs._part_shapes(codec, key, tuple(view.shape)).items() if v[1:])
+    return shapes
+
+
+def _in_shapes(value: Any, template: Any, shapes: list[tuple[int, ...]]) -> bool:
+    """A plain tensor of ``template``'s dtype in one of ``shapes``."""
+    return (
+        isinstance(value, Tensor)
+        and isinstance(template, Tensor)
+        and not _is_dtensor(value)
+        and value.dtype == template.dtype
+        and tuple(value.shape) in shapes
+    )
 
 
 _CODED_DTYPES = tuple(
