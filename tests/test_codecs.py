@@ -196,7 +196,7 @@ def test_bf16_ecc_error_bound() -> None:
 
 
 # --- every element-wise optimizer with every codec --------------------------------------------------------------------
-BOUNDS = {"bf16+ecc": 2e-3, "bf16": 3e-2, "fp8": 0.15, "int8": 0.1, "int4": 0.35}
+BOUNDS = {"bf16+ecc": 2e-3, "bf16": 3e-2, "fp8": 0.15, "int8": 0.1, "int4": 0.35, "int4+sr": 0.35}
 """Relative difference of the parameters' movement from fp32 state after a few steps."""
 
 
@@ -231,7 +231,7 @@ def test_every_elementwise_optimizer_accepts_every_codec(entry: registry.Entry, 
         assert ((coded[0] - exact[0]).norm() / moved).item() <= BOUNDS[codec]
     big = opt.param_groups[0]["params"][0]
     stored = {k: v for k, v in opt.state[big].items() if k != "step" and isinstance(v, torch.Tensor)}
-    if codec in ("int8", "int4", "fp8", "bf16+ecc") and isinstance(opt, ChainedOptimizer):
+    if codec in ("int8", "int4", "int4+sr", "fp8", "bf16+ecc") and isinstance(opt, ChainedOptimizer):
         # (wrappers such as Lookahead keep their own slow weights in full precision; their inner optimizer codes)
         assert not any(v.dtype == torch.float32 and v.shape == big.shape for v in stored.values()), stored.keys()
 
@@ -245,7 +245,7 @@ def _refused(opt: torch.optim.Optimizer) -> bool:
     return type(inner)._prepare_step is not ChainedOptimizer._prepare_step or inner._sparse_gradients() == "required"
 
 
-BYTES = {"int8": 2.1, "int4": 1.1, "bf16+ecc": 6.0, "bf16": 4.0, "fp8": 2.1}
+BYTES = {"int8": 2.1, "int4": 1.1, "int4+sr": 1.1, "bf16+ecc": 6.0, "bf16": 4.0, "fp8": 2.1}
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -258,7 +258,7 @@ def test_adamw_state_bytes_per_parameter(codec: str) -> None:
     assert opt.state[small]["exp_avg"].dtype == torch.float32 and "exp_avg_scale" not in opt.state[small]
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4", "bf16+ecc"])
+@pytest.mark.parametrize("codec", ["int8", "int4", "int4+sr", "bf16+ecc"])
 @pytest.mark.parametrize("entry", ELEMENTWISE, ids=lambda e: e.name)
 def test_sliced_eager_step_matches_whole_tensor(entry: registry.Entry, codec: str) -> None:
     """A coded parameter larger than chunk_numel is stepped slice by slice (element-wise chains): bit for bit the
@@ -372,13 +372,20 @@ def test_codec_refused_for_whole_model_optimizers() -> None:
         registry.get("prodigy")([torch.nn.Parameter(torch.zeros(3))], state_codec="int8")
 
 
-@pytest.mark.parametrize("codec", ["int8", "bf16+ecc"])
+@pytest.mark.parametrize("codec", ["int8", "int4+sr", "bf16+ecc"])
 def test_compiled_path_decodes_and_encodes_inside(codec: str) -> None:
     """compiled=True runs decode, update and encode in one compiled function: the same state as the eager path, to
     the rounding that fused float32 arithmetic may change (a code moves by at most one step)."""
     eager, a = _run(registry.get("adamw"), codec, steps=3)
     compiled, b = _run(registry.get("adamw"), codec, steps=3, compiled=True)
-    assert ((eager[0] - compiled[0]).abs() <= 1e-5).all()
+    if codec == "int4+sr":
+        # The dither hashes each value's bits: where fused arithmetic changes a moment's last bit, its draw (and at
+        # most its code, by one level) changes too: such a parameter moves differently by at most lr per step
+        # (lr 0.02, 3 steps), the others agree.
+        assert ((eager[0] - compiled[0]).abs() <= 3 * 0.02).all()
+        assert ((eager[0] - compiled[0]).abs() <= 1e-5).float().mean() > 0.8
+    else:
+        assert ((eager[0] - compiled[0]).abs() <= 1e-5).all()
     big_a, big_b = a.param_groups[0]["params"][0], b.param_groups[0]["params"][0]
     assert a.state[big_a]["exp_avg"].dtype == b.state[big_b]["exp_avg"].dtype
     if codec == "int8":
@@ -535,3 +542,60 @@ def test_row_shards_code_as_the_whole_tensor(codec: str) -> None:
     templates = codecs.part_templates(codec, "m", (17, 256), "meta", rows=True)
     assert tuple(templates["m_scale"].shape) == (17, 256 // codecs.BLOCK_SIZES[codec])
     assert tuple(templates["m"].shape) == ((17, 128) if codec == "int4" else (17, 256))
+
+
+# --- int4+sr: int4 with stochastic rounding of signed buffers ------------------------------------------------------
+
+
+def _ema_of_a_constant(codec: str, steps: int = 400) -> torch.Tensor:
+    """Each step's value of a coded first moment m <- lerp(m, g, 0.1) (Adam's beta1 = 0.9): half the elements' g is
+    about 0.05, the other half's 1.0, the block maximum; 0.05 lies between the signed map's levels 0.0325 and 0.0775."""
+    g = torch.ones(4096)
+    g[::2] = 0.05 + 0.002 * torch.linspace(-1, 1, 2048)  # distinct values: each element draws on its own
+    parts = codecs.encode(codec, torch.zeros(4096), True)
+    seen = []
+    for t in range(1, steps + 1):
+        m = codecs.decode(codec, parts, True, g.shape, torch.float32)
+        m.lerp_(g, 0.1)
+        parts = codecs.encode(codec, m, True, torch.tensor(float(t), dtype=torch.float64))
+        seen.append(codecs.decode(codec, parts, True, g.shape, torch.float32)[::2].mean())
+    return torch.stack(seen)
+
+
+def test_int4_sr_moment_reaches_a_value_between_levels_on_average() -> None:
+    # Rounded to the nearest level, an increment of 0.1 * (0.05 - 0.0325) never moves the moment off 0.0325: it stays
+    # 35% low for ever. Rounded stochastically, it is right on average.
+    nearest, stochastic = _ema_of_a_constant("int4"), _ema_of_a_constant("int4+sr")
+    assert torch.allclose(nearest[100:], torch.full_like(nearest[100:], 0.0325), rtol=1e-4)
+    assert abs(float(stochastic[100:].mean()) - 0.05) < 0.003
+
+
+def test_int4_sr_rounds_to_a_neighbouring_level_without_bias() -> None:
+    qmap = codecs.quantization_map("int4", signed=True)
+    gen = torch.Generator().manual_seed(0)
+    lo = torch.randint(0, 15, (1 << 16,), generator=gen)
+    fraction = torch.rand(1 << 16, generator=gen)
+    values = qmap[lo] + fraction * (qmap[lo + 1] - qmap[lo])
+    codes = codecs.stochastic_codes(values, qmap, torch.tensor(3.0, dtype=torch.float64)).long()
+    assert bool(((codes == lo) | (codes == lo + 1)).all())
+    # Taken up with probability `fraction`: the mean error, in units of the gap, is near 0 (nearest: +-0.25 on average).
+    gap = qmap[lo + 1] - qmap[lo]
+    error = (qmap[codes] - values) / gap
+    assert abs(float(error.mean())) < 0.01
+    assert abs(float((codes == lo + 1).float().mean() - fraction.mean())) < 0.01
+    # The same values and step give the same codes; another step draws again.
+    again = codecs.stochastic_codes(values, qmap, torch.tensor(3.0, dtype=torch.float64)).long()
+    other = codecs.stochastic_codes(values, qmap, torch.tensor(4.0, dtype=torch.float64)).long()
+    assert torch.equal(codes, again) and not torch.equal(codes, other)
+
+
+def test_int4_sr_codes_second_moments_as_int4() -> None:
+    x = torch.rand(1 << 14, generator=torch.Generator().manual_seed(1))
+    step = torch.tensor(5.0, dtype=torch.float64)
+    a, b = codecs.encode("int4", x, False), codecs.encode("int4+sr", x, False, step)
+    assert torch.equal(a[""], b[""]) and torch.equal(a["_scale"], b["_scale"])
+    # and decodes like int4, with the same parts and bytes
+    assert torch.equal(
+        codecs.decode("int4", a, False, x.shape, torch.float32),
+        codecs.decode("int4+sr", b, False, x.shape, torch.float32),
+    )

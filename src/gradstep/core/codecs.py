@@ -58,6 +58,7 @@ __all__ = [
     "convert_state_codec",
     "decode",
     "dequantize_blockwise",
+    "dither",
     "dynamic_map",
     "encode",
     "part_slice",
@@ -65,13 +66,16 @@ __all__ = [
     "nearest_codes_reference",
     "quantization_map",
     "quantize_blockwise",
+    "stochastic_codes",
 ]
 
 HAS_FP8 = hasattr(torch, "float8_e4m3fn")
-CODECS: tuple[str, ...] = ("fp32", "bf16", "bf16+ecc", "int8", "int4") + (("fp8",) if HAS_FP8 else ())
+CODECS: tuple[str, ...] = ("fp32", "bf16", "bf16+ecc", "int8", "int4", "int4+sr") + (("fp8",) if HAS_FP8 else ())
 MIN_NUMEL = 4096
 """Buffers with fewer elements stay in the state dtype (bitsandbytes' ``min_8bit_size``, torchao's threshold)."""
-BLOCK_SIZES = {"int8": 256, "int4": 128, "fp8": 256}
+BLOCK_SIZES = {"int8": 256, "int4": 128, "int4+sr": 128, "fp8": 256}
+PACKED = frozenset({"int4", "int4+sr"})
+"""Codecs that pack two 4-bit codes a byte (flat, or one row per parameter row under FSDP2)."""
 
 NONNEGATIVE_BUFFERS = frozenset(
     {"exp_avg_sq", "max_exp_avg_sq", "exp_inf", "sum", "square_avg", "acc_delta", "exp_avg_var", "max_exp_avg_var"}
@@ -218,23 +222,59 @@ def _tables_of(codec: str, signed: bool, device: str) -> _Tables:
 
 
 def _tables(codec: str, signed: bool, device: Any) -> _Tables:
+    codec = "int4" if codec in PACKED else codec  # int4+sr: int4's maps, rounded otherwise
     device = str(torch.device(device))
     return _TABLES.get((codec, signed, device)) or _tables_of(codec, signed, device)
 
 
-def quantize_blockwise(x: Tensor, codec: str, signed: bool) -> tuple[Tensor, Tensor]:
+def quantize_blockwise(x: Tensor, codec: str, signed: bool, salt: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Codes (uint8, one per element, shaped like ``x``) and per-block scales (float32) of ``x``.
 
     Bit for bit :func:`nearest_codes_reference` (torchao's rounding) of the values divided by their block's absolute
-    maximum (clipped at 1e-12), computed with two reads of the map's lookup tables per element.
+    maximum (clipped at 1e-12), computed with two reads of the map's lookup tables per element. ``"int4+sr"``
+    rounds signed values stochastically instead (:func:`stochastic_codes`, drawn with ``salt``), unsigned ones as
+    ``"int4"``.
     """
     tables = _tables(codec, signed, x.device)
     blocks = x.reshape(-1, BLOCK_SIZES[codec]).float()
     scale = blocks.abs().amax(-1).clip(1e-12)
     scaled = (blocks / scale.view(-1, 1)).reshape(-1)
+    if codec == "int4+sr" and signed:
+        return stochastic_codes(scaled, tables.qmap, salt).reshape(x.shape), scale
     bucket = (scaled.view(torch.int32) >> tables.shift) + tables.offset
     codes = tables.base.index_select(0, bucket) + (scaled >= tables.rise.index_select(0, bucket))
     return codes.reshape(x.shape), scale
+
+
+def dither(values: Tensor, salt: Tensor | None = None) -> Tensor:
+    """A number in [0, 1) per float32 value: a hash of its bits and of ``salt`` (the parameter's step count), by a
+    multiply-xorshift mix; 24 bits, exact in float32.
+
+    Drawn from the value and the step, not from a generator: a step gives the same codes whether its tensors are
+    stepped whole, in slices, sharded (FSDP2) or compiled, and there is no generator state to checkpoint. The step
+    makes a value that recurs (a moment held still by a constant gradient) draw afresh at every step.
+    """
+    h = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    if salt is not None:
+        h = h ^ ((salt.to(torch.int64) * 0x2545F491) & 0xFFFFFFFF)
+    h = ((h ^ (h >> 16)) * 0x7FEB352D) & 0xFFFFFFFF  # multipliers below 2**31: products stay within int64
+    h = ((h ^ (h >> 15)) * 0x5BD1E995) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+def stochastic_codes(scaled: Tensor, qmap: Tensor, salt: Tensor | None = None) -> Tensor:
+    """Codes (uint8) of values in [-1, 1] rounded stochastically to the sorted map ``qmap``: a value between levels
+    ``lo`` and ``lo + 1`` takes ``lo + 1`` with probability ``(value - q[lo]) / (q[lo + 1] - q[lo])`` (its
+    :func:`dither` below that fraction), so the decoded value is right on average, where rounding to the nearest level
+    is biased the same way step after step for a moment that moves by less than half a level per step.
+    """
+    n = qmap.numel()
+    y = scaled.clamp(qmap[0], qmap[n - 1])
+    lo = torch.bucketize(y, qmap[1 : n - 1], out_int32=True, right=True)  # largest lo with q[lo] <= y, at most n - 2
+    low, high = qmap.index_select(0, lo), qmap.index_select(0, lo + 1)
+    up = dither(scaled, salt) < (y - low) / (high - low)
+    return (lo + up).to(torch.uint8)
 
 
 def dequantize_blockwise(codes: Tensor, qmap: Tensor, scale: Tensor) -> Tensor:
@@ -301,7 +341,7 @@ def part_templates(codec: str, key: str, shape: tuple[int, ...], device: Any, ro
     if rows and codec in BLOCK_SIZES:
         row = _row_numel(shape)
         scale = torch.empty((shape[0], row // BLOCK_SIZES[codec]), dtype=torch.float32, **meta)
-        if codec == "int4":
+        if codec in PACKED:
             return {key: torch.empty((shape[0], row // 2), dtype=torch.uint8, **meta), key + "_scale": scale}
         dtype = torch.uint8 if codec == "int8" else torch.float8_e4m3fn
         return {key: torch.empty(shape, dtype=dtype, **meta), key + "_scale": scale}
@@ -315,7 +355,7 @@ def part_templates(codec: str, key: str, shape: tuple[int, ...], device: Any, ro
     scale = torch.empty(numel // BLOCK_SIZES[codec], dtype=torch.float32, **meta)
     if codec == "int8":
         return {key: torch.empty(shape, dtype=torch.uint8, **meta), key + "_scale": scale}
-    if codec == "int4":
+    if codec in PACKED:
         return {key: torch.empty(numel // 2, dtype=torch.uint8, **meta), key + "_scale": scale}
     return {key: torch.empty(shape, dtype=torch.float8_e4m3fn, **meta), key + "_scale": scale}
 
@@ -333,8 +373,11 @@ def _part_shapes(codec: str, key: str, shape: tuple[int, ...]) -> dict[str, list
     return shapes
 
 
-def encode(codec: str, x: Tensor, signed: bool) -> dict[str, Tensor]:
-    """The stored parts of the float values ``x`` (see the module table); keys relative to the buffer's key."""
+def encode(codec: str, x: Tensor, signed: bool, salt: Tensor | None = None) -> dict[str, Tensor]:
+    """The stored parts of the float values ``x`` (see the module table); keys relative to the buffer's key.
+
+    ``salt`` (the parameter's step count, a tensor) seeds ``"int4+sr"``'s stochastic rounding; other codecs round
+    deterministically and ignore it."""
     if codec == "bf16":
         return {"": x.to(torch.bfloat16)}
     if codec == "bf16+ecc":
@@ -350,8 +393,8 @@ def encode(codec: str, x: Tensor, signed: bool) -> dict[str, Tensor]:
         scale = blocks.abs().amax(-1).clip(1e-12) / torch.finfo(torch.float8_e4m3fn).max
         codes = (blocks / scale.view(-1, 1)).to(torch.float8_e4m3fn)
         return {"": codes.reshape(x.shape), "_scale": scale}
-    codes, scale = quantize_blockwise(x, codec, signed)
-    if codec == "int4":
+    codes, scale = quantize_blockwise(x, codec, signed, salt)
+    if codec in PACKED:
         flat = codes.reshape(-1)
         codes = (flat[::2] << 4) | flat[1::2]  # torchao's packing: the even element in the high nibble
     return {"": codes, "_scale": scale}
@@ -369,7 +412,7 @@ def decode(codec: str, parts: dict[str, Tensor], signed: bool, shape: torch.Size
     if codec == "fp8":
         return _times_scale(codes.float(), scale).reshape(shape).to(dtype)
     tables = _tables(codec, signed, codes.device)
-    if codec == "int4":  # one read per byte: both of its values
+    if codec in PACKED:  # one read per byte: both of its values
         return _times_scale(tables.pairs.index_select(0, codes.int()), scale).reshape(shape).to(dtype)
     return dequantize_blockwise(codes, tables.qmap, scale).reshape(shape).to(dtype)
 
@@ -390,7 +433,7 @@ def part_slice(codec: str, suffix: str, part: Tensor, start: int, stop: int) -> 
     if suffix == "_scale":
         block = BLOCK_SIZES[codec]
         return part[start // block : stop // block]
-    if codec == "int4" and suffix == "":
+    if codec in PACKED and suffix == "":
         return part.view(-1)[start // 2 : stop // 2]
     return part.view(-1)[start:stop]
 

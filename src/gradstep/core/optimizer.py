@@ -929,9 +929,10 @@ def coded_group_step(
     group_step(group, zero, transforms, views, raw_grads, plain, dtypes, opt_args, names)
     for state, copy, keys in zip(states, plain, coded):
         signs = dict(keys)
+        salt = copy.get("step")  # this step's count: int4+sr's rounding draws afresh every step
         for key, value in copy.items():
             if key in signs:
-                for suffix, part in codecs.encode(codec, value, signs[key]).items():
+                for suffix, part in codecs.encode(codec, value, signs[key], salt).items():
                     state[key + suffix].copy_(part)
             elif state.get(key) is not value:
                 state[key] = value
