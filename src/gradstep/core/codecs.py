@@ -14,6 +14,7 @@ int8       uint8 codes into a 256-entry map, like the     ``key + "_scale"``: fp
            parameter                                      per block of 256
 int4       uint8, two 4-bit codes a byte, flat            ``key + "_scale"``: fp32 absmax   0.5 + 4/128
                                                           per block of 128
+int4+sr    as int4                                        as int4                           0.5 + 4/128
 fp8        float8_e4m3fn, like the parameter              ``key + "_scale"``: fp32 per      1 + 4/256
                                                           block of 256 (absmax / 448)
 ========== ============================================== ================================= ===============
@@ -35,6 +36,14 @@ split like the parameter; int4's codes and the scales are laid out one row per p
 alone, and brings a checkpoint from FSDP2 to one process or back: it lays the parts out as the optimizer stores them
 and codes (or decodes) the buffers that one process codes and FSDP2 does not (rows that are not whole blocks); a
 single process's ``load_state_dict`` also takes the row layout as it is.
+
+int4+sr is int4 with the first moments (signed buffers) rounded stochastically instead of to the nearest level
+(:func:`stochastic_codes`; second moments as int4). An exponential average that moves by less than half a level per
+step never leaves its level when rounded to the nearest one, which is most of what int4 costs in training; rounded
+stochastically it is right on average. The draw is a hash of the value and the step count (:func:`dither`), so it
+needs no generator state and gives the same codes whole, sliced, sharded or compiled (up to the last bit that fused
+arithmetic may change in a value). Stochastic rounding of 4-bit states is an option of lpmm (Li et al., 2023,
+"Memory Efficient Optimizers with 4-bit States"), not its default, and not torchao's scheme.
 
 bf16+ecc is heavyball's error-corrected bf16: the bf16 value plus an int8 correction that stores what rounding to
 bf16 lost, in units of ``ULP / 254``; decoding adds it back (about 16 significant bits for 3 bytes).
