@@ -134,7 +134,16 @@ def _takes_codecs(entry: Entry) -> bool:
 CODEC_CASES = (
     *(f"{e.name}/int8" for e in ENTRIES if _takes_codecs(e)),
     *(f"adamw/{codec}" for codec in codecs.CODECS if codec not in ("fp32", "int8")),
+    # the fast path: decode, update and encode compiled together on each rank's shards (against one process, compiled)
+    "adamw/int8/compiled",
+    "lion/int4+sr/compiled",
 )
+
+
+def _codec_case(case: str) -> tuple[str, str, dict[str, Any]]:
+    """``name/codec`` or ``name/codec/compiled``: the registry name, the codec and the extra options."""
+    name, codec, *rest = case.split("/")
+    return name, codec, {"compiled": True} if rest == ["compiled"] else {}
 
 
 # --- the model, the data and the training loop (the same in the ranks and in the parent) ---------------------------
@@ -170,9 +179,9 @@ def make_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def build(entry: Entry, params: Any, codec: str | None = None) -> torch.optim.Optimizer:
+def build(entry: Entry, params: Any, codec: str | None = None, **extra: Any) -> torch.optim.Optimizer:
     # A matrix optimizer (Entry.min_ndim = 2) steps the weights; biases and norms stay as they are on both sides.
-    hypers = {**entry.example, **({"state_codec": codec} if codec else {})}
+    hypers = {**entry.example, **({"state_codec": codec} if codec else {}), **extra}
     return entry([p for p in params if p.dim() >= entry.min_ndim], **hypers)
 
 
@@ -205,12 +214,12 @@ def _reference(name: str, steps: int) -> tuple[torch.Tensor, ...]:
 @functools.cache
 def coded_reference(case: str) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """The parameters and the coded weight's state after CODEC_STEPS single-process steps of ``name/codec``."""
-    name, codec = case.split("/")
+    name, codec, extra = _codec_case(case)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as _reference
     try:
         model = make_model(wide=True)
-        opt = build(registry.get(name), model.parameters(), codec)
+        opt = build(registry.get(name), model.parameters(), codec, **extra)
         train(model, opt, make_batches(CODEC_STEPS), slice(None))
     finally:
         torch.set_num_threads(threads)
@@ -331,9 +340,9 @@ def _coded_all(rank: int, mesh: Any) -> dict[str, Any]:
     for case in CODEC_CASES:
 
         def run(case: str = case) -> dict[str, Any]:
-            name, codec = case.split("/")
+            name, codec, extra = _codec_case(case)
             model = _fsdp_model(mesh, wide=True)
-            opt = build(registry.get(name), model.parameters(), codec)
+            opt = build(registry.get(name), model.parameters(), codec, **extra)
             train(model, opt, make_batches(CODEC_STEPS), _my_rows(rank))
             weight = model[2].weight
             states = {"": opt.state[weight], **({"inner.": opt.inner.state[weight]} if hasattr(opt, "inner") else {})}
