@@ -631,3 +631,13 @@ def test_every_elementwise_optimizer_steps_coded_state_on_the_fast_path(entry: r
     stored_a = {k: (v.dtype, v.shape) for k, v in inner_a.state[big_a].items() if isinstance(v, torch.Tensor)}
     stored_b = {k: (v.dtype, v.shape) for k, v in inner_b.state[big_b].items() if isinstance(v, torch.Tensor)}
     assert stored_a == stored_b, "the fast path stores the coded parts as the eager path does"
+
+
+def test_int4_sr_table_path_equals_the_search() -> None:
+    # The encoder finds the lower level from the nearest code (two table reads); the search is the definition.
+    qmap = codecs.quantization_map("int4", signed=True)
+    tables = codecs._tables("int4", True, "cpu")
+    up, down = torch.full_like(qmap, 2.0), torch.full_like(qmap, -2.0)
+    x = torch.cat([torch.linspace(-1, 1, 1 << 20), qmap, torch.nextafter(qmap, up), torch.nextafter(qmap, down)])
+    salt = torch.tensor(9.0, dtype=torch.float64)
+    assert torch.equal(codecs.stochastic_codes(x, qmap, salt), codecs.stochastic_codes(x, qmap, salt, tables))

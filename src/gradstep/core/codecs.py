@@ -249,38 +249,50 @@ def quantize_blockwise(x: Tensor, codec: str, signed: bool, salt: Tensor | None 
     scale = blocks.abs().amax(-1).clip(1e-12)
     scaled = (blocks / scale.view(-1, 1)).reshape(-1)
     if codec == "int4+sr" and signed:
-        return stochastic_codes(scaled, tables.qmap, salt).reshape(x.shape), scale
+        return stochastic_codes(scaled, tables.qmap, salt, tables).reshape(x.shape), scale
     bucket = (scaled.view(torch.int32) >> tables.shift) + tables.offset
     codes = tables.base.index_select(0, bucket) + (scaled >= tables.rise.index_select(0, bucket))
     return codes.reshape(x.shape), scale
 
 
 def dither(values: Tensor, salt: Tensor | None = None) -> Tensor:
-    """A number in [0, 1) per float32 value: a hash of its bits and of ``salt`` (the parameter's step count), by a
-    multiply-xorshift mix; 24 bits, exact in float32.
+    """A number in [0, 1) per float32 value: a hash of its bits and of ``salt`` (the parameter's step count), by
+    murmur3's 32-bit finaliser; 24 bits, exact in float32.
 
     Drawn from the value and the step, not from a generator: a step gives the same codes whether its tensors are
     stepped whole, in slices, sharded (FSDP2) or compiled, and there is no generator state to checkpoint. The step
-    makes a value that recurs (a moment held still by a constant gradient) draw afresh at every step.
+    makes a value that recurs (a moment held still by a constant gradient) draw afresh at every step. The arithmetic
+    is int32, whose products wrap (two's complement) in torch's kernels and inductor's code alike; shifts right are
+    masked to be logical.
     """
-    h = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    h = values.view(torch.int32)
     if salt is not None:
-        h = h ^ ((salt.to(torch.int64) * 0x2545F491) & 0xFFFFFFFF)
-    h = ((h ^ (h >> 16)) * 0x7FEB352D) & 0xFFFFFFFF  # multipliers below 2**31: products stay within int64
-    h = ((h ^ (h >> 15)) * 0x5BD1E995) & 0xFFFFFFFF
-    h = h ^ (h >> 16)
-    return (h >> 8).to(torch.float32) * 2.0**-24
+        h = h ^ (salt.to(torch.int64) * 0x2545F491 & 0x7FFFFFFF).to(torch.int32)
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * -2048144789  # 0x85EBCA6B as int32
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * -1028477387  # 0xC2B2AE35 as int32
+    h = h ^ ((h >> 16) & 0xFFFF)
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
 
 
-def stochastic_codes(scaled: Tensor, qmap: Tensor, salt: Tensor | None = None) -> Tensor:
+def stochastic_codes(scaled: Tensor, qmap: Tensor, salt: Tensor | None = None, tables: Any = None) -> Tensor:
     """Codes (uint8) of values in [-1, 1] rounded stochastically to the sorted map ``qmap``: a value between levels
     ``lo`` and ``lo + 1`` takes ``lo + 1`` with probability ``(value - q[lo]) / (q[lo + 1] - q[lo])`` (its
     :func:`dither` below that fraction), so the decoded value is right on average, where rounding to the nearest level
     is biased the same way step after step for a moment that moves by less than half a level per step.
+
+    ``tables`` (the map's :class:`_Tables`): ``lo`` from the nearest code, one of its two neighbours (two table reads
+    instead of a search).
     """
     n = qmap.numel()
     y = scaled.clamp(qmap[0], qmap[n - 1])
-    lo = torch.bucketize(y, qmap[1 : n - 1], out_int32=True, right=True)  # largest lo with q[lo] <= y, at most n - 2
+    if tables is None:
+        lo = torch.bucketize(y, qmap[1 : n - 1], out_int32=True, right=True)  # largest lo with q[lo] <= y, <= n - 2
+    else:
+        bucket = (y.view(torch.int32) >> tables.shift) + tables.offset
+        nearest = (tables.base.index_select(0, bucket) + (y >= tables.rise.index_select(0, bucket))).int()
+        lo = (nearest - (qmap.index_select(0, nearest) > y).int()).clamp(max=n - 2)
     low, high = qmap.index_select(0, lo), qmap.index_select(0, lo + 1)
     up = dither(scaled, salt) < (y - low) / (high - low)
     return (lo + up).to(torch.uint8)
