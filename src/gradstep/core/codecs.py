@@ -51,6 +51,7 @@ bf16 lost, in units of ``ULP / 254``; decoding adds it back (about 16 significan
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -70,6 +71,8 @@ __all__ = [
     "dither",
     "dynamic_map",
     "encode",
+    "encode_sharded",
+    "is_dtensor",
     "part_slice",
     "part_templates",
     "nearest_codes_reference",
@@ -446,6 +449,28 @@ SLICE_ALIGN = 256
 every codec, whole bytes of int4."""
 
 
+def encode_sharded(codec: str, buf: Any, signed: bool, view: Any) -> dict[str, Any]:
+    """The parts of a DTensor buffer: its local shard coded on its own, each part a DTensor split like ``view``.
+
+    Parts shaped like the parameter take its placements and shape; int4's codes and the scales (flat for one
+    process) are laid out one row per row of the parameter, so they split along dim 0 as it does (the decision of
+    :meth:`~gradstep.core.optimizer.ChainedOptimizer._coded_buffers` guarantees whole blocks per row and a split
+    along rows only).
+    """
+    local_shape = view.to_local().shape
+    templates = part_templates(codec, "", tuple(view.shape), "meta", rows=True)
+    parts = {}
+    for suffix, part in encode(codec, buf.to_local(), signed).items():
+        shape = tuple(templates[suffix].shape)
+        if part.shape != local_shape:
+            part = part.reshape(local_shape[0], shape[1])  # (shard rows, per row): also for an empty shard
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        parts[suffix] = type(view).from_local(
+            part, view.device_mesh, view.placements, run_check=False, shape=shape, stride=stride
+        )
+    return parts
+
+
 def part_slice(codec: str, suffix: str, part: Tensor, start: int, stop: int) -> Tensor:
     """The piece of a contiguous stored part that codes elements ``start:stop`` of the flattened buffer (a view).
 
@@ -588,13 +613,11 @@ def _converted(
                 f"buffer that state_codec={source!r} left uncoded is (or its coded parts are incomplete)"
             )
         if sharded:
-            from .optimizer import _encode_sharded  # (optimizer imports this module)
-
             shard = value.to_local().to(dtype)  # type: ignore[attr-defined]
             value = type(view).from_local(
                 shard, view.device_mesh, view.placements, run_check=False, shape=view.shape, stride=view.stride()
             )
-            encoded = _encode_sharded(target, value, signed, view)
+            encoded = encode_sharded(target, value, signed, view)
         else:
             encoded = {
                 suffix: _laid_out(part, layout[suffix])
@@ -613,5 +636,9 @@ def _laid_out(part: Tensor, template: Tensor) -> Tensor:
     return part.reshape(template.shape)
 
 
-def _is_dtensor(x: Any) -> bool:
+def is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a DTensor (FSDP2), without importing torch.distributed."""
     return type(x).__name__ == "DTensor" and hasattr(x, "to_local")
+
+
+_is_dtensor = is_dtensor

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import codecs
+from .codecs import is_dtensor as _is_dtensor
 
 if TYPE_CHECKING:
     from .optimizer import ChainedOptimizer
@@ -320,7 +321,3 @@ def _describe(value: Any) -> str:
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     text = repr(value)
     return text if len(text) <= 40 else f"a {type(value).__name__}"
-
-
-def _is_dtensor(x: Any) -> bool:
-    return type(x).__name__ == "DTensor" and hasattr(x, "to_local")

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import codecs
 from .cautious import with_cautious
+from .codecs import is_dtensor as _is_dtensor
 from .fused import all_fusable, chain_kernel, group_blockers, param_blockers, run_fused
 from .groups import GroupToolsMixin
 from .hypers import REQUIRED, Hyper, boolean, expand_hypers, non_negative, non_negative_int, one_of, optional_bool
@@ -359,7 +360,7 @@ class ChainedOptimizer(GroupToolsMixin, torch.optim.Optimizer):
                 if name not in state:
                     state[name] = _init_sharded(init, view, dtype) if _is_dtensor(view) else init(view.detach(), dtype)
                     if name in coded and _is_dtensor(view):
-                        parts = _encode_sharded(group["state_codec"], state[name], coded[name], view)
+                        parts = codecs.encode_sharded(group["state_codec"], state[name], coded[name], view)
                         state.update((name + suffix, part) for suffix, part in parts.items())
                     elif name in coded:
                         parts = codecs.encode(group["state_codec"], state[name], coded[name])
@@ -1249,37 +1250,12 @@ def _init_sharded(init: Callable[[Tensor, torch.dtype], Any], view: Any, dtype: 
     return buf  # a per-tensor value (TAdam's W_t): the same on every rank
 
 
-def _encode_sharded(codec: str, buf: Any, signed: bool, view: Any) -> dict[str, Any]:
-    """The parts of a DTensor buffer: its local shard coded on its own, each part a DTensor split like ``view``.
-
-    Parts shaped like the parameter take its placements and shape; int4's codes and the scales (flat for one
-    process) are laid out one row per row of the parameter, so they split along dim 0 as it does (the decision of
-    :meth:`ChainedOptimizer._coded_buffers` guarantees whole blocks per row and a split along rows only).
-    """
-    local_shape = view.to_local().shape
-    templates = codecs.part_templates(codec, "", tuple(view.shape), "meta", rows=True)
-    parts = {}
-    for suffix, part in codecs.encode(codec, buf.to_local(), signed).items():
-        shape = tuple(templates[suffix].shape)
-        if part.shape != local_shape:
-            part = part.reshape(local_shape[0], shape[1])  # (shard rows, per row): also for an empty shard
-        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
-        parts[suffix] = type(view).from_local(
-            part, view.device_mesh, view.placements, run_check=False, shape=shape, stride=stride
-        )
-    return parts
-
-
 def _split(view: Any) -> str | None:
     """How a parameter is split: ``None`` (a plain tensor), ``"rows"`` (a DTensor sharded along dim 0 only, or
     replicated), ``"other"`` (a DTensor sharded along another dim)."""
     if not _is_dtensor(view):
         return None
     return "rows" if all(not pl.is_shard() or pl.dim == 0 for pl in view.placements) else "other"
-
-
-def _is_dtensor(x: Any) -> bool:
-    return type(x).__name__ == "DTensor" and hasattr(x, "to_local")
 
 
 def _to_local(x: Any) -> Any:
