@@ -60,3 +60,28 @@ def test_a_whole_group_transform_is_not_chunked() -> None:
 
     for a, b in zip(run(0), run(70_000)):
         assert torch.equal(a, b)
+
+
+
+def _compiled_peak(name: str, recompute: bool) -> int:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    entry = gradstep.get(name)
+    opt = entry(params, **{**entry.example, "compiled": True, "nonfinite": "ignore"})
+    flagged = [t for t in opt._transforms if t.recompute_when_compiled]
+    assert flagged, "the chain should ask the compiled step to recompute"
+    for t in flagged:
+        t.recompute_when_compiled = recompute
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # compiles
+    return _peak_extra_bytes(opt.step)
+
+
+@pytest.mark.parametrize("name", ["lamb", "ralars", "neroplus"])
+def test_compiled_reduction_chain_recomputes_instead_of_storing_the_direction(name: str) -> None:
+    # Their norms (trust ratio, row constraints) sit between the direction and the parameter's write: stored, the
+    # direction is a group-sized temporary; recomputed from the stored moments, nothing group-sized is held.
+    group_bytes = sum(torch.Size(s).numel() for s in SHAPES) * 4
+    assert _compiled_peak(name, recompute=True) < group_bytes / 4
+    assert _compiled_peak(name, recompute=False) >= group_bytes / 4  # what the flag saves

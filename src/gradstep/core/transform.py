@@ -184,6 +184,12 @@ class Transform:
     """State keys (besides the usual second-moment names of :data:`~gradstep.core.codecs.NONNEGATIVE_BUFFERS`) whose
     values are never negative: a ``state_codec`` codes them with its unsigned map (finer, sign bit saved)."""
 
+    recompute_when_compiled: bool = False
+    """True when the compiled fast path should recompute the direction this transform receives, in each pass that
+    reads it, rather than store it: a whole-tensor reduction of that direction (a trust ratio's norm) stands between
+    its computation and the write of the parameter. Stored, it is a whole-size temporary written and read back; its
+    inputs (the updated moments) are written anyway, so recomputing from them moves fewer bytes."""
+
     group_values: ClassVar[tuple[str, ...]] = ()
     """Keys of the param group that the optimizer updates every step (not hyperparameters: no constructor argument,
     e.g. D-Adaptation's ``d``), read by :meth:`update` like hyperparameters. Floats among them reach the compiled

@@ -109,6 +109,8 @@ class TrustRatio(Transform):
         if denominator not in ("update", "grad"):
             raise ValueError(f"denominator must be 'update' or 'grad', got {denominator!r}")
         self.denominator = denominator
+        # The norm of the incoming direction comes before its use: compiled, recompute it from the updated moments.
+        self.recompute_when_compiled = denominator == "update"
 
     def buffers(self, group: dict[str, Any]) -> dict[str, BufferInit]:
         return {"trust_ratio": _one}

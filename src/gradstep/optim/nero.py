@@ -243,6 +243,8 @@ class RowConstraints(Transform):
         Hyper("zero_mean", True, boolean, "rows of ndim > 1 parameters keep a zero mean"),
         Hyper("check_normalized", True, boolean, "raise ValueError at add_param_group for unnormalized rows (ALF)"),
     )
+    # The rows' means and norms of the stepped parameter come before its write: compiled, recompute it.
+    recompute_when_compiled = True
 
     def check_group(self, group: dict[str, Any]) -> None:
         if group["check_normalized"]:
