@@ -62,7 +62,6 @@ def test_a_whole_group_transform_is_not_chunked() -> None:
         assert torch.equal(a, b)
 
 
-
 def _compiled_peak(name: str, recompute: bool) -> int:
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
