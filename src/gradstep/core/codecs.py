@@ -546,8 +546,8 @@ def _converted(
     target = group["state_codec"]
     view: Any = torch.view_as_real(p) if p.is_complex() else p
     dtype = optimizer._state_dtype(group, p)
-    split = _is_dtensor(view)  # an FSDP2 parameter: its parts are laid out by rows (part_templates)
-    sharded = any(_is_dtensor(v) for v in state.values())  # else whole tensors (one process's, or gathered)
+    split = is_dtensor(view)  # an FSDP2 parameter: its parts are laid out by rows (part_templates)
+    sharded = any(is_dtensor(v) for v in state.values())  # else whole tensors (one process's, or gathered)
     if sharded and not split:
         raise ValueError(
             f"convert_state_codec: the state of {name} holds DTensors (a sharded FSDP2 state) but {name} is not a "
@@ -569,7 +569,7 @@ def _converted(
         parts = {}
         for part_key, template in flat.items():
             value = state.pop(part_key, None)
-            ok = isinstance(value, Tensor) and value.dtype == template.dtype and _is_dtensor(value) == sharded
+            ok = isinstance(value, Tensor) and value.dtype == template.dtype and is_dtensor(value) == sharded
             if ok and sharded:  # FSDP2's own layout, split like the parameter
                 ok = tuple(value.shape) == shapes[part_key][-1] and value.placements == view.placements
             elif ok:  # one process's layout or a gathered FSDP2 one
@@ -602,7 +602,7 @@ def _converted(
         value = state.get(key)
         if (
             not isinstance(value, Tensor)
-            or _is_dtensor(value) != sharded
+            or is_dtensor(value) != sharded
             or (sharded and getattr(value, "placements", None) != view.placements)
             or not value.is_floating_point()
             or value.element_size() < 2  # float8 codes without their scales
@@ -631,7 +631,7 @@ def _converted(
 def _laid_out(part: Tensor, template: Tensor) -> Tensor:
     """A whole part in the layout ``template`` gives (flat, or one row per parameter row): the same elements in the
     same order. A sharded part is already laid out by rows (checked by the caller)."""
-    if _is_dtensor(part):
+    if is_dtensor(part):
         return part
     return part.reshape(template.shape)
 
@@ -639,6 +639,3 @@ def _laid_out(part: Tensor, template: Tensor) -> Tensor:
 def is_dtensor(x: Any) -> bool:
     """Whether ``x`` is a DTensor (FSDP2), without importing torch.distributed."""
     return type(x).__name__ == "DTensor" and hasattr(x, "to_local")
-
-
-_is_dtensor = is_dtensor
